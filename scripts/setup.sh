@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with torch, the build tools and optembed-ext (editable), from a fresh machine.
+#
+#   bash scripts/setup.sh            # venv in .venv, CUDA kernels built when nvcc and a CUDA torch are present
+#
+# Environment knobs:
+#   OPTEMBED_VENV=path        where the virtual environment goes (default: .venv in the repository)
+#   OPTEMBED_TORCH=spec       torch requirement (default: torch==2.14.1, a CUDA 13.0 build that also runs on the CPU;
+#                             torch==2.13.0 is a CPU-only build)
+#   OPTEMBED_WITH_CUDA=AUTO|ON|OFF   build the CUDA kernels (default AUTO: when nvcc and a CUDA torch are found)
+#   PYTHON=python3.11         interpreter used to create the venv
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${OPTEMBED_VENV:-$root/.venv}
+python=${PYTHON:-python3}
+torch_spec=${OPTEMBED_TORCH:-torch==2.14.1}
+with_cuda=${OPTEMBED_WITH_CUDA:-AUTO}
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip)
+"${pip[@]}" install -q --upgrade pip
+
+echo "[setup] installing $torch_spec and the build/test tools"
+"${pip[@]}" install -q "$torch_spec" numpy pybind11 "scikit-build-core>=0.10" ninja cmake
+"${pip[@]}" install -q pyyaml scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis expecttest
+
+# nvcc is often installed without being on PATH; point the build at the usual CUDA root.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+if [ -n "${CUDA_HOME:-}" ]; then
+  export PATH="$CUDA_HOME/bin:$PATH"
+fi
+
+echo "[setup] building optembed-ext (OPTEMBED_WITH_CUDA=$with_cuda)"
+"${pip[@]}" install --no-build-isolation --no-deps -e "$root" -Ccmake.define.OPTEMBED_WITH_CUDA="$with_cuda"
+
+"$venv/bin/python" - <<'PY'
+import optembed_ext
+from optembed_ext import _ext
+info = _ext.build_info()
+print("[setup] optembed-ext", optembed_ext.__version__, "build:", info)
+if not _ext.HAS_EXTENSION:
+    raise SystemExit("[setup] the compiled extension failed to load")
+PY
