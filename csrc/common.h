@@ -1,0 +1,85 @@
+// Shared helpers for the optembed ops: argument-check macros and compile-time switch macros.
+// Usable from both C++ (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) translation units.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+// ---- argument checks: every message names the argument ------------------------------------------------------
+#define OPTEMBED_CHECK_DIM(T, NAME, NDIM)                                                              \
+  TORCH_CHECK((T).dim() == (NDIM), NAME " must be a " #NDIM "-D tensor, got shape ", (T).sizes())
+
+#define OPTEMBED_CHECK_SAME_DEVICE(T, REF, NAME, REFNAME)                                              \
+  TORCH_CHECK((T).device() == (REF).device(), NAME " must be on the same device as " REFNAME " (",      \
+              (REF).device(), "), got ", (T).device())
+
+#define OPTEMBED_CHECK_INDEX_DTYPE(T, NAME)                                                            \
+  TORCH_CHECK((T).scalar_type() == at::kLong || (T).scalar_type() == at::kInt,                          \
+              NAME " must be int32 or int64, got ", (T).scalar_type())
+
+#define OPTEMBED_CHECK_FLOAT_DTYPE(T, NAME)                                                            \
+  TORCH_CHECK(at::isFloatingType((T).scalar_type()) &&                                                  \
+                  ((T).scalar_type() == at::kFloat || (T).scalar_type() == at::kDouble ||               \
+                   (T).scalar_type() == at::kHalf || (T).scalar_type() == at::kBFloat16),               \
+              NAME " must be float32, float64, float16 or bfloat16, got ", (T).scalar_type())
+
+// ---- compile-time variant switches (flash-attention style) ----------------------------------------------------
+// Usage: OPTEMBED_BOOL_SWITCH(has_oov, kOov, [&] { kernel<kOov>(...); });
+#define OPTEMBED_BOOL_SWITCH(COND, CONST_NAME, ...)                                                    \
+  [&] {                                                                                                 \
+    if (COND) {                                                                                         \
+      constexpr static bool CONST_NAME = true;                                                          \
+      return __VA_ARGS__();                                                                             \
+    } else {                                                                                            \
+      constexpr static bool CONST_NAME = false;                                                         \
+      return __VA_ARGS__();                                                                             \
+    }                                                                                                   \
+  }()
+
+// p-norm order, 1 or 2 (validated by the caller).
+#define OPTEMBED_P_SWITCH(P, CONST_NAME, ...)                                                          \
+  [&] {                                                                                                 \
+    if ((P) == 1) {                                                                                     \
+      constexpr static int CONST_NAME = 1;                                                              \
+      return __VA_ARGS__();                                                                             \
+    } else {                                                                                            \
+      constexpr static int CONST_NAME = 2;                                                              \
+      return __VA_ARGS__();                                                                             \
+    }                                                                                                   \
+  }()
+
+// Index dtype switch: binds `index_t` to int32_t or int64_t.
+#define OPTEMBED_DISPATCH_INDEX(TYPE, NAME, ...)                                                       \
+  [&] {                                                                                                 \
+    if ((TYPE) == at::kInt) {                                                                           \
+      using index_t = int32_t;                                                                          \
+      return __VA_ARGS__();                                                                             \
+    } else {                                                                                            \
+      TORCH_CHECK((TYPE) == at::kLong, NAME ": unsupported index dtype ", (TYPE));                       \
+      using index_t = int64_t;                                                                          \
+      return __VA_ARGS__();                                                                             \
+    }                                                                                                   \
+  }()
+
+// Floating dtypes the ops accept: float32, float64, float16, bfloat16 (accumulation in at::opmath_type).
+#define OPTEMBED_DISPATCH_FLOATING(TYPE, NAME, ...)                                                    \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+namespace optembed {
+
+// Long-tail straight-through estimator of the unit step (OptEmbed):
+//   H(x) = 2 - 4|x|  for |x| <= 0.4,   0.4  for 0.4 < |x| <= 1,   0  otherwise.
+template <typename T>
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline T step_ste_grad(T x) {
+  const T ax = x < T(0) ? -x : x;
+  if (ax <= T(0.4)) return T(2) - T(4) * ax;
+  if (ax <= T(1)) return T(0.4);
+  return T(0);
+}
+
+}  // namespace optembed

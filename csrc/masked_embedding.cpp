@@ -1,0 +1,509 @@
+// masked_embedding: fused OptEmbed lookup = gather + row p-norm + learned field threshold (unit step with a
+// long-tail straight-through estimator) + OOV blend + per-sample kept-dimension prefix mask.
+//
+//   weight (N, D), indices (B, F) int32/int64 global rows, threshold (F,) or none, dims none / (F,) / (B, F) in
+//   [0, D], p in {1, 2}, oov_weight (F, D) or none.
+//   n = ||weight[r]||_p over the full row (r = indices[b, f]),  x = n - threshold[f],  m = (x > 0)  (m = 1 without
+//   threshold),  k = dims[b, f] (or dims[f], or D)
+//   out[b, f, j] = (m * w[r, j] + (1 - m) * oov[f, j])  for j < k   (the oov term only with oov_weight), else 0
+//
+// Backward (H = long-tail STE of the step, see common.h):
+//   s = sum_{j<k} g[b,f,j] * (w[r,j] - oov[f,j])
+//   grad_w[r, j]  += m * g[b,f,j] * [j<k] + s * H(x) * dn/dw[r,j]     (dn/dw = sign(w) for p = 1, w / n for p = 2)
+//   grad_t[f]     -= s * H(x)
+//   grad_oov[f,j] += (1 - m) * g[b,f,j] * [j<k]
+//
+// CPU design
+//   forward   one pass, parallel over the B*F lookups (at::parallel_for): each lookup reads its table row once,
+//             computes the norm, compares, writes its output row once (masked / blended / zero-padded) and its
+//             norm. Index and dims range checks happen inside this pass (raised after, naming the argument).
+//   backward  sparse=True: one parallel pass over lookups writes the per-lookup gradient rows (B*F, D); no
+//             reduction at all (the caller wraps them as an uncoalesced COO tensor).
+//             dense: a stable counting sort of the lookups by table row (O(N + B*F) int32 work), then ONE parallel
+//             pass over row ranges of grad_weight: untouched rows are zero-filled with memset runs, touched rows
+//             get the sum of their lookups' gradient rows in ascending lookup order. Every grad_weight byte is
+//             written exactly once (no separate zero pass, no atomics, no races).
+//             grad_threshold / grad_oov: per-lookup STE scalars are kept in a (B*F,) buffer, then reduced per field
+//             in ascending batch order (parallel over fields).
+//   The accumulation order never depends on the thread count, so the CPU backward is always deterministic;
+//   the `deterministic` flag is accepted for the CUDA kernel's sake. float16/bfloat16 accumulate in float.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace optembed {
+namespace {
+
+using at::Tensor;
+
+// Row p-norm with 8 independent partial sums (vectorisable without -ffast-math).
+template <int P, typename acc_t, typename scalar_t>
+inline acc_t row_norm(const scalar_t* __restrict__ row, int64_t D) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= D; j += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const acc_t v = static_cast<acc_t>(row[j + u]);
+      part[u] += (P == 1) ? std::abs(v) : v * v;
+    }
+  }
+  acc_t tail = 0;
+  for (; j < D; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    tail += (P == 1) ? std::abs(v) : v * v;
+  }
+  const acc_t sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+  if constexpr (P == 2) {
+    return std::sqrt(sum);
+  } else {
+    return sum;
+  }
+}
+
+template <typename T>
+inline T sign_of(T v) {
+  return static_cast<T>((T(0) < v) - (v < T(0)));
+}
+
+struct Problem {
+  int64_t B = 0, F = 0, N = 0, D = 0;
+  int64_t dims_bstride = 0;  // 0 for dims (F,), F for dims (B, F)
+};
+
+// ---- argument checks shared by forward and backward --------------------------------------------------------------
+Problem check_common(const Tensor& weight, const Tensor& indices, const std::optional<Tensor>& threshold,
+                     const std::optional<Tensor>& dims, int64_t p, const std::optional<Tensor>& oov_weight,
+                     const char* op) {
+  OPTEMBED_CHECK_DIM(weight, "weight", 2);
+  OPTEMBED_CHECK_FLOAT_DTYPE(weight, "weight");
+  OPTEMBED_CHECK_DIM(indices, "indices", 2);
+  OPTEMBED_CHECK_INDEX_DTYPE(indices, "indices");
+  OPTEMBED_CHECK_SAME_DEVICE(indices, weight, "indices", "weight");
+  TORCH_CHECK_VALUE(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
+  Problem pr;
+  pr.N = weight.size(0);
+  pr.D = weight.size(1);
+  pr.B = indices.size(0);
+  pr.F = indices.size(1);
+  if (threshold.has_value()) {
+    const Tensor& t = *threshold;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == pr.F, op, ": threshold must have shape (F,) = (", pr.F,
+                ",) matching indices.size(1), got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": threshold must be floating point, got ",
+                t.scalar_type());
+    OPTEMBED_CHECK_SAME_DEVICE(t, weight, "threshold", "weight");
+  }
+  if (dims.has_value()) {
+    const Tensor& d = *dims;
+    TORCH_CHECK(d.scalar_type() == at::kLong || d.scalar_type() == at::kInt, op,
+                ": dims must be int32 or int64, got ", d.scalar_type());
+    TORCH_CHECK((d.dim() == 1 && d.size(0) == pr.F) || (d.dim() == 2 && d.size(0) == pr.B && d.size(1) == pr.F),
+                op, ": dims must have shape (F,) = (", pr.F, ",) or (B, F) = (", pr.B, ", ", pr.F, "), got ",
+                d.sizes());
+    OPTEMBED_CHECK_SAME_DEVICE(d, weight, "dims", "weight");
+    pr.dims_bstride = d.dim() == 2 ? pr.F : 0;
+  }
+  if (oov_weight.has_value()) {
+    const Tensor& o = *oov_weight;
+    TORCH_CHECK(o.dim() == 2 && o.size(0) == pr.F && o.size(1) == pr.D, op,
+                ": oov_weight must have shape (F, D) = (", pr.F, ", ", pr.D, "), got ", o.sizes());
+    TORCH_CHECK(o.scalar_type() == weight.scalar_type(), op, ": oov_weight dtype ", o.scalar_type(),
+                " must match weight dtype ", weight.scalar_type());
+    OPTEMBED_CHECK_SAME_DEVICE(o, weight, "oov_weight", "weight");
+  }
+  return pr;
+}
+
+inline at::ScalarType norm_dtype_for(at::ScalarType w) {
+  return w == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Threshold as a contiguous accumulation-type vector; NaN is rejected (the comparison would silently mask all).
+Tensor prepare_threshold(const std::optional<Tensor>& threshold, at::ScalarType acc, const char* op) {
+  if (!threshold.has_value()) return Tensor();
+  Tensor t = threshold->to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "optembed_threshold_nan_check", [&] {
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    for (int64_t f = 0; f < t.numel(); ++f) {
+      TORCH_CHECK_VALUE(!std::isnan(tp[f]), op, ": threshold[", f, "] is NaN");
+    }
+  });
+  return t;
+}
+
+Tensor prepare_dims(const std::optional<Tensor>& dims) {
+  if (!dims.has_value()) return Tensor();
+  return dims->to(at::kLong).contiguous();
+}
+
+[[noreturn]] void raise_bad_index(int64_t pos, int64_t F, int64_t value, int64_t N) {
+  TORCH_CHECK_INDEX(false, "indices[", pos / F, ", ", pos % F, "] = ", value,
+                    " is out of range for weight with N = ", N, " rows (valid ids are 0 <= id < N)");
+}
+
+[[noreturn]] void raise_bad_dims(int64_t pos, const Problem& pr, int64_t value) {
+  if (pr.dims_bstride == 0) {
+    TORCH_CHECK_VALUE(false, "dims[", pos % pr.F, "] = ", value, " must lie in [0, D = ", pr.D, "]");
+  }
+  TORCH_CHECK_VALUE(false, "dims[", pos / pr.F, ", ", pos % pr.F, "] = ", value, " must lie in [0, D = ", pr.D,
+                    "]");
+}
+
+inline int64_t grain_for(int64_t D) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+}
+
+// ---- forward ------------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename index_t, int P, bool kThr>
+void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const index_t* __restrict__ idx,
+                    const at::opmath_type<scalar_t>* __restrict__ thr, const int64_t* __restrict__ dims,
+                    const scalar_t* __restrict__ oov, bool check, scalar_t* __restrict__ out,
+                    at::opmath_type<scalar_t>* __restrict__ norm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t F = pr.F, D = pr.D, N = pr.N;
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
+  at::parallel_for(0, pr.B * F, grain_for(D), [&](int64_t begin, int64_t end) {
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t f = pos % F;
+      const int64_t r = static_cast<int64_t>(idx[pos]);
+      if (check && (r < 0 || r >= N)) raise_bad_index(pos, F, r, N);
+      int64_t k = D;
+      if (dims != nullptr) {
+        k = dims[(pos / F) * pr.dims_bstride + f];
+        if (k < 0 || k > D) raise_bad_dims(pos, pr, k);
+      }
+      const scalar_t* row = w + r * D;
+      const acc_t n = row_norm<P, acc_t>(row, D);
+      norm[pos] = n;
+      bool m = true;
+      if constexpr (kThr) m = (n - thr[f]) > acc_t(0);
+      scalar_t* o = out + pos * D;
+      const scalar_t* src = m ? row : (oov != nullptr ? oov + f * D : nullptr);
+      if (src != nullptr) {
+        std::memcpy(o, src, static_cast<size_t>(k) * sizeof(scalar_t));
+        if (k < D) std::memset(o + k, 0, static_cast<size_t>(D - k) * sizeof(scalar_t));
+      } else {
+        std::memset(o, 0, row_bytes);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> masked_embedding_forward_cpu(const Tensor& weight, const Tensor& indices,
+                                                        const std::optional<Tensor>& threshold,
+                                                        const std::optional<Tensor>& dims, int64_t p,
+                                                        const std::optional<Tensor>& oov_weight,
+                                                        bool check_indices) {
+  const char* op = "masked_embedding_forward";
+  const Problem pr = check_common(weight, indices, threshold, dims, p, oov_weight, op);
+  const at::ScalarType acc = norm_dtype_for(weight.scalar_type());
+  Tensor out = at::empty({pr.B, pr.F, pr.D}, weight.options());
+  Tensor norm = at::empty({pr.B, pr.F}, weight.options().dtype(acc));
+  const Tensor thr = prepare_threshold(threshold, acc, op);
+  if (pr.B * pr.F == 0) return {out, norm};
+  const Tensor w = weight.contiguous();
+  const Tensor idx = indices.contiguous();
+  const Tensor d = prepare_dims(dims);
+  const Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : Tensor();
+
+  OPTEMBED_DISPATCH_FLOATING(w.scalar_type(), "masked_embedding_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "indices", [&] {
+      OPTEMBED_P_SWITCH(p, kP, [&] {
+        OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
+          forward_kernel<scalar_t, index_t, kP, kThr>(
+              pr, w.const_data_ptr<scalar_t>(), idx.const_data_ptr<index_t>(),
+              thr.defined() ? thr.const_data_ptr<acc_t>() : nullptr,
+              d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
+              oov.defined() ? oov.const_data_ptr<scalar_t>() : nullptr, check_indices,
+              out.mutable_data_ptr<scalar_t>(), norm.mutable_data_ptr<acc_t>());
+        });
+      });
+    });
+  });
+  return {out, norm};
+}
+
+// ---- backward -----------------------------------------------------------------------------------------------------
+// Adds the gradient row of one lookup into acc[0, D) and returns its STE scalar s * H(x) (0 without threshold).
+template <int P, bool kThr, typename scalar_t, typename acc_t>
+inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
+                         const scalar_t* __restrict__ oov_row, int64_t D, int64_t k, acc_t n, acc_t t,
+                         acc_t* __restrict__ acc) {
+  bool m = true;
+  acc_t sh = 0;
+  if constexpr (kThr) {
+    const acc_t x = n - t;
+    m = x > acc_t(0);
+    const acc_t h = step_ste_grad(x);
+    if (h != acc_t(0)) {
+      acc_t s = 0;
+      if (oov_row != nullptr) {
+        for (int64_t j = 0; j < k; ++j)
+          s += static_cast<acc_t>(g[j]) * (static_cast<acc_t>(w[j]) - static_cast<acc_t>(oov_row[j]));
+      } else {
+        for (int64_t j = 0; j < k; ++j) s += static_cast<acc_t>(g[j]) * static_cast<acc_t>(w[j]);
+      }
+      sh = s * h;
+    }
+  }
+  if (m) {
+    for (int64_t j = 0; j < k; ++j) acc[j] += static_cast<acc_t>(g[j]);
+  }
+  if (sh != acc_t(0)) {
+    if constexpr (P == 1) {
+      for (int64_t j = 0; j < D; ++j) acc[j] += sh * sign_of(static_cast<acc_t>(w[j]));
+    } else if (n > acc_t(0)) {
+      const acc_t c = sh / n;
+      for (int64_t j = 0; j < D; ++j) acc[j] += c * static_cast<acc_t>(w[j]);
+    }
+  }
+  return sh;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t D) {
+  for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+struct BackwardPtrs {
+  const void* g;
+  const void* w;
+  const void* idx;
+  const void* norm;
+  const void* thr;
+  const int64_t* dims;
+  const void* oov;
+};
+
+template <typename scalar_t, typename index_t, int P, bool kThr>
+void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ rows,
+                            at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* g = static_cast<const scalar_t*>(ptr.g);
+  const auto* w = static_cast<const scalar_t*>(ptr.w);
+  const auto* idx = static_cast<const index_t*>(ptr.idx);
+  const auto* norm = static_cast<const acc_t*>(ptr.norm);
+  const auto* thr = static_cast<const acc_t*>(ptr.thr);
+  const auto* oov = static_cast<const scalar_t*>(ptr.oov);
+  const int64_t F = pr.F, D = pr.D, N = pr.N;
+  at::parallel_for(0, pr.B * F, grain_for(D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(D));
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t f = pos % F;
+      const int64_t r = static_cast<int64_t>(idx[pos]);
+      if (r < 0 || r >= N) raise_bad_index(pos, F, r, N);
+      int64_t k = D;
+      if (ptr.dims != nullptr) {
+        k = ptr.dims[(pos / F) * pr.dims_bstride + f];
+        if (k < 0 || k > D) raise_bad_dims(pos, pr, k);
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const acc_t sh = lookup_grad<P, kThr>(g + pos * D, w + r * D, oov != nullptr ? oov + f * D : nullptr, D, k,
+                                            norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
+      if constexpr (kThr) sh_buf[pos] = sh;
+      store_row(rows + pos * D, acc.data(), D);
+    }
+  });
+}
+
+// Dense: counting sort lookups by row (stable), then one pass over row ranges of grad_weight.
+template <typename scalar_t, typename index_t, int P, bool kThr>
+void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ gw,
+                           at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* g = static_cast<const scalar_t*>(ptr.g);
+  const auto* w = static_cast<const scalar_t*>(ptr.w);
+  const auto* idx = static_cast<const index_t*>(ptr.idx);
+  const auto* norm = static_cast<const acc_t*>(ptr.norm);
+  const auto* thr = static_cast<const acc_t*>(ptr.thr);
+  const auto* oov = static_cast<const scalar_t*>(ptr.oov);
+  const int64_t F = pr.F, D = pr.D, N = pr.N;
+  const int64_t L = pr.B * F;
+
+  // start[r + 1] counts lookups of row r - 1 ... after the prefix sum and the scatter, lookups of row r are
+  // order[start[r] : start[r + 1]] in ascending lookup order.
+  std::vector<int32_t> start(static_cast<size_t>(N + 2), 0);
+  std::vector<int32_t> order(static_cast<size_t>(L));
+  for (int64_t pos = 0; pos < L; ++pos) {
+    const int64_t r = static_cast<int64_t>(idx[pos]);
+    if (r < 0 || r >= N) raise_bad_index(pos, F, r, N);
+    ++start[r + 2];
+  }
+  for (int64_t i = 2; i < N + 2; ++i) start[i] += start[i - 1];
+  for (int64_t pos = 0; pos < L; ++pos) {
+    order[start[static_cast<int64_t>(idx[pos]) + 1]++] = static_cast<int32_t>(pos);
+  }
+  if (ptr.dims != nullptr) {  // validate dims up front: the row pass visits lookups in row order
+    const int64_t nd = pr.dims_bstride == 0 ? F : L;
+    for (int64_t i = 0; i < nd; ++i) {
+      if (ptr.dims[i] < 0 || ptr.dims[i] > D) raise_bad_dims(i, pr, ptr.dims[i]);
+    }
+  }
+
+  const int32_t* st = start.data();
+  const int32_t* ord = order.data();
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
+  // ~64 KiB of grad_weight per task keeps the memset runs long and the load balanced.
+  const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(static_cast<int64_t>(row_bytes), 1));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> acc(static_cast<size_t>(D));
+    int64_t zero_from = r0;  // first row of the current run of untouched rows
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t s = st[r], e = st[r + 1];
+      if (s == e) continue;
+      if (zero_from < r) std::memset(gw + zero_from * D, 0, static_cast<size_t>(r - zero_from) * row_bytes);
+      zero_from = r + 1;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const scalar_t* wr = w + r * D;
+      for (int32_t q = s; q < e; ++q) {
+        const int64_t pos = ord[q];
+        const int64_t f = pos % F;
+        const int64_t k = ptr.dims != nullptr ? ptr.dims[(pos / F) * pr.dims_bstride + f] : D;
+        const acc_t sh = lookup_grad<P, kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, D, k,
+                                              norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
+        if constexpr (kThr) sh_buf[pos] = sh;
+      }
+      store_row(gw + r * D, acc.data(), D);
+    }
+    if (zero_from < r1) std::memset(gw + zero_from * D, 0, static_cast<size_t>(r1 - zero_from) * row_bytes);
+  });
+}
+
+// grad_threshold[f] = -sum_b sh[b, f];  grad_oov[f, j] = sum_b (1 - m[b, f]) g[b, f, j] [j < k]   (ascending b)
+template <typename scalar_t>
+void field_reduce_kernel(const Problem& pr, const BackwardPtrs& ptr, const at::opmath_type<scalar_t>* sh_buf,
+                         at::opmath_type<scalar_t>* grad_t, scalar_t* grad_oov) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* g = static_cast<const scalar_t*>(ptr.g);
+  const auto* norm = static_cast<const acc_t*>(ptr.norm);
+  const auto* thr = static_cast<const acc_t*>(ptr.thr);
+  const int64_t B = pr.B, F = pr.F, D = pr.D;
+  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+    std::vector<acc_t> acc(static_cast<size_t>(D));
+    for (int64_t f = f0; f < f1; ++f) {
+      if (grad_t != nullptr) {
+        acc_t sum = 0;
+        for (int64_t b = 0; b < B; ++b) sum += sh_buf[b * F + f];
+        grad_t[f] = -sum;
+      }
+      if (grad_oov != nullptr) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        if (thr != nullptr) {  // without threshold every lookup is kept: grad_oov stays 0
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t pos = b * F + f;
+            if (norm[pos] - thr[f] > acc_t(0)) continue;
+            const int64_t k = ptr.dims != nullptr ? ptr.dims[b * pr.dims_bstride + f] : D;
+            const scalar_t* gr = g + pos * D;
+            for (int64_t j = 0; j < k; ++j) acc[j] += static_cast<acc_t>(gr[j]);
+          }
+        }
+        store_row(grad_oov + f * D, acc.data(), D);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
+    const Tensor& grad_out, const Tensor& weight, const Tensor& indices, const Tensor& norm,
+    const std::optional<Tensor>& threshold, const std::optional<Tensor>& dims, int64_t p,
+    const std::optional<Tensor>& oov_weight, bool deterministic, bool sparse) {
+  (void)deterministic;  // the CPU backward is always deterministic (see the design comment)
+  const char* op = "masked_embedding_backward";
+  const Problem pr = check_common(weight, indices, threshold, dims, p, oov_weight, op);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == pr.B && grad_out.size(1) == pr.F &&
+                  grad_out.size(2) == pr.D,
+              op, ": grad_out must have shape (B, F, D) = (", pr.B, ", ", pr.F, ", ", pr.D, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " must match weight dtype ", weight.scalar_type());
+  OPTEMBED_CHECK_SAME_DEVICE(grad_out, weight, "grad_out", "weight");
+  const at::ScalarType acc = norm_dtype_for(weight.scalar_type());
+  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == pr.B && norm.size(1) == pr.F, op,
+              ": norm must have shape (B, F) = (", pr.B, ", ", pr.F, "), got ", norm.sizes());
+  OPTEMBED_CHECK_SAME_DEVICE(norm, weight, "norm", "weight");
+  const int64_t L = pr.B * pr.F;
+  TORCH_CHECK(L < std::numeric_limits<int32_t>::max(), op, ": B * F = ", L, " lookups exceed the int32 range");
+
+  Tensor grad_weight = sparse ? at::empty({L, pr.D}, weight.options()) : at::empty({pr.N, pr.D}, weight.options());
+  Tensor grad_t = threshold.has_value() ? at::empty({pr.F}, threshold->options()) : at::empty({0}, weight.options());
+  Tensor grad_oov = oov_weight.has_value() ? at::empty({pr.F, pr.D}, weight.options()) : at::empty({0}, weight.options());
+  if (L == 0) {
+    if (!sparse) grad_weight.zero_();
+    grad_t.zero_();
+    grad_oov.zero_();
+    return {grad_weight, grad_t, grad_oov};
+  }
+
+  const Tensor g = grad_out.contiguous();
+  const Tensor w = weight.contiguous();
+  const Tensor idx = indices.contiguous();
+  const Tensor nrm = norm.to(acc).contiguous();
+  const Tensor thr = prepare_threshold(threshold, acc, op);
+  const Tensor d = prepare_dims(dims);
+  const Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : Tensor();
+  const Tensor sh = thr.defined() ? at::empty({L}, weight.options().dtype(acc)) : Tensor();
+  const Tensor gt_acc = thr.defined() ? at::empty({pr.F}, weight.options().dtype(acc)) : Tensor();
+
+  OPTEMBED_DISPATCH_FLOATING(w.scalar_type(), "masked_embedding_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardPtrs ptr{g.const_data_ptr(),
+                           w.const_data_ptr(),
+                           idx.const_data_ptr(),
+                           nrm.const_data_ptr(),
+                           thr.defined() ? thr.const_data_ptr() : nullptr,
+                           d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
+                           oov.defined() ? oov.const_data_ptr() : nullptr};
+    acc_t* sh_ptr = sh.defined() ? sh.mutable_data_ptr<acc_t>() : nullptr;
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "indices", [&] {
+      OPTEMBED_P_SWITCH(p, kP, [&] {
+        OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
+          if (sparse) {
+            backward_sparse_kernel<scalar_t, index_t, kP, kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
+                                                                sh_ptr);
+          } else {
+            backward_dense_kernel<scalar_t, index_t, kP, kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
+                                                               sh_ptr);
+          }
+        });
+      });
+    });
+    if (thr.defined() || oov.defined()) {
+      field_reduce_kernel<scalar_t>(pr, ptr, sh_ptr, gt_acc.defined() ? gt_acc.mutable_data_ptr<acc_t>() : nullptr,
+                                    oov.defined() ? grad_oov.mutable_data_ptr<scalar_t>() : nullptr);
+    }
+  });
+  if (thr.defined()) {
+    grad_t.copy_(gt_acc);
+  }
+  return {grad_weight, grad_t, grad_oov};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(optembed, m) {
+  m.def(
+      "masked_embedding_forward(Tensor weight, Tensor indices, Tensor? threshold, Tensor? dims, int p, "
+      "Tensor? oov_weight, bool check_indices) -> (Tensor out, Tensor norm)");
+  m.def(
+      "masked_embedding_backward(Tensor grad_out, Tensor weight, Tensor indices, Tensor norm, Tensor? threshold, "
+      "Tensor? dims, int p, Tensor? oov_weight, bool deterministic, bool sparse) "
+      "-> (Tensor grad_weight, Tensor grad_threshold, Tensor grad_oov)");
+}
+
+TORCH_LIBRARY_IMPL(optembed, CPU, m) {
+  m.impl("masked_embedding_forward", &masked_embedding_forward_cpu);
+  m.impl("masked_embedding_backward", &masked_embedding_backward_cpu);
+}
+
+}  // namespace optembed

@@ -1,0 +1,6 @@
+"""``python -m optembed_ext ...`` runs the ``optembed`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""The ``optembed`` command line: one argparse parser whose subcommands come from a fixed list of modules.
+
+Each module in :data:`SUBCOMMAND_MODULES` defines ``register(subparsers)``. Every subcommand accepts
+``--config file.yaml`` whose keys are the subcommand's long option names (``embed-dim: 16`` or ``embed_dim: 16``);
+options given on the command line win over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .train.config import load_yaml_config
+
+SUBCOMMAND_MODULES = (
+    "optembed_ext.train.cli",
+    "optembed_ext.search.optembed_cli",
+    "optembed_ext.search.baselines_cli",
+)
+
+# Subcommand modules that may not be present in this tree yet; only a ModuleNotFoundError for exactly these
+# module names is tolerated (any other import error propagates).
+_NOT_YET_PRESENT_OK = frozenset({"optembed_ext.search.optembed_cli", "optembed_ext.search.baselines_cli"})
+
+
+def _subparsers_action(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("parser has no subcommands")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optembed", description="Learned embedding-table compression for CTR "
+                                                                  "models: preprocessing, training, search, export.")
+    parser.add_argument("--version", action="version", version=f"optembed-ext {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name and name in _NOT_YET_PRESENT_OK:
+                continue
+            raise
+        module.register(subparsers)
+    for sub in subparsers.choices.values():
+        if not any("--config" in a.option_strings for a in sub._actions):
+            sub.add_argument("--config", help="YAML file of options (keys = long option names); the command "
+                                              "line wins")
+    return parser
+
+
+def _option_dests(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Long option name (without dashes, '-' and '_' both accepted) -> action."""
+    out = {}
+    for action in sub._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--") and not opt.startswith("--no-"):
+                out[opt[2:]] = action
+                out[opt[2:].replace("-", "_")] = action
+    return out
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Set the chosen subcommand's defaults from its ``--config`` file, so the command line still wins."""
+    subparsers = _subparsers_action(parser)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--config")
+    pre.add_argument("--log-level")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config or known.command not in subparsers.choices:
+        return
+    sub = subparsers.choices[known.command]
+    try:
+        values = load_yaml_config(known.config)
+    except (OSError, ValueError) as err:
+        sub.error(f"--config: {err}")
+    actions = _option_dests(sub)
+    defaults = {}
+    for key, value in values.items():
+        if key == "command":  # written into a run's config.yaml; must name this subcommand
+            if value != known.command:
+                sub.error(f"--config {known.config} is for '{value}', not '{known.command}'")
+            continue
+        action = actions.get(str(key))
+        if action is None or key in ("config", "help"):
+            sub.error(f"--config {known.config}: unknown option {key!r} for '{known.command}'")
+        defaults[action.dest] = value
+        action.required = False
+    sub.set_defaults(**defaults)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``optembed`` and ``python -m optembed_ext``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        parser.error(f"--log-level must be a logging level name, got {args.log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Raw formats of the public CTR datasets: column layouts, label rules and derived fields.
+
+Each ``plan_<dataset>(path, **options)`` resolves the raw file(s) under ``path`` and returns a
+:class:`Plan` (schema + source + every file read, for the cache key). Field lists:
+
+* **criteo** (39 fields): ``I1..I13`` (integer counts: a value ``x > 2`` becomes the bucket token
+  ``b<floor(log(x)^2)>``, any other value -- 0, 1, 2, negatives -- its own token, e.g. ``"-1"``;
+  never thresholded), ``C1..C26`` (hashed categories, thresholded by ``min_count``). Empty values
+  are the field's empty token. Accepts the Kaggle/dac ``train.txt`` (tab separated, no header) and
+  CSV/TSV variants with a ``label,I1,..,C26`` header (sniffed from the first line). Rows with
+  14..39 columns are padded with empty values (trailing empty columns stripped by text tools) and
+  counted in ``stats["padded_rows"]``.
+* **avazu** (23 fields): ``hour_of_day`` (``"00".."23"``) and ``weekday`` (``"0"`` = Monday ..
+  ``"6"``) derived from ``hour`` (``YYMMDDHH``, never thresholded), then ``C1, banner_pos,
+  site_id, site_domain, site_category, app_id, app_domain, app_category, device_id, device_ip,
+  device_model, device_type, device_conn_type, C14..C21`` (thresholded). ``id`` is dropped;
+  label = ``click``. Keeping ``hour`` as one raw field instead would give 22 fields.
+* **kdd12** (11 fields): KDD Cup 2012 track 2 ``training.txt`` (tab separated ``Click, Impression,
+  DisplayURL, AdID, AdvertiserID, Depth, Position, QueryID, KeywordID, TitleID, DescriptionID,
+  UserID``). Label = ``Click > 0``, one sample per line (impressions are *not* expanded into
+  ``Impression`` samples, the usual CTR-benchmark practice). Fields: ``Impression`` (log-bucketed
+  like the Criteo integers, not thresholded; drop it with ``include_impression=False`` for the
+  10-field variant) and the 10 id columns (thresholded).
+* **movielens1m / movielens100k** (8 fields): ``user_id, movie_id, gender, age, occupation, zip,
+  year, genres``. Ratings 4-5 -> 1, 1-2 -> 0, 3 dropped (``stats["filtered"]``). ``year`` is the
+  ``(YYYY)`` at the end of the title (MovieLens 100K falls back to the release date); ``genres``
+  is one field whose token is the full genre combination string (``"Comedy|Drama"``; for 100K the
+  flagged genres joined by ``|`` in ``u.genre`` order), so multi-genre movies keep their
+  combination. ``age`` is the raw value (100K: years; 1M: the age-group code), ``occupation`` the
+  raw value (100K: name; 1M: code). All fields thresholded. Also reads the joined CSV
+  ``user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip`` when ``path`` is
+  a file. Rows keep the file order (``split="sequential"`` splits by position, not by time).
+"""
+from __future__ import annotations
+
+import datetime
+import gzip
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._stream import FieldSpec, RawSource, TableSchema
+
+__all__ = ["Plan", "PLANNERS", "criteo_int_token"]
+
+
+@dataclass
+class Plan:
+    schema: TableSchema
+    source: RawSource
+    files: list[Path]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _first_line(path: Path, encoding: str = "utf-8") -> str:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return f.readline().decode(encoding, errors="surrogateescape").rstrip("\r\n")
+
+
+def _resolve(path, candidates: tuple[str, ...], what: str) -> Path:
+    if path is None:
+        raise ValueError(f"data_dir is required to load {what}")
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for c in candidates:
+            if (p / c).is_file():
+                return p / c
+        raise FileNotFoundError(f"data_dir {p} holds none of {list(candidates)} ({what})")
+    raise FileNotFoundError(f"data_dir {p} does not exist ({what})")
+
+
+def _no_options(what: str, options: dict) -> None:
+    if options:
+        raise TypeError(f"unexpected options for {what}: {sorted(options)}")
+
+
+def _binary_label(s: str) -> int:
+    if s == "0":
+        return 0
+    if s == "1":
+        return 1
+    try:
+        v = float(s)
+    except ValueError:
+        v = None
+    if v == 0.0:
+        return 0
+    if v == 1.0:
+        return 1
+    raise ValueError("label must be 0 or 1")
+
+
+def criteo_int_token(s: str) -> str:
+    """Token of one Criteo integer value: ``b<floor(log(x)^2)>`` for ``x > 2``, else the value itself."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(x):
+        raise ValueError("not a finite number")
+    if x > 2:
+        return f"b{int(math.floor(math.log(x) ** 2))}"
+    if x == int(x):
+        return str(int(x))
+    return repr(x)
+
+
+def _columns_by_name(header: list[str], wanted: list[str], path: Path) -> dict[str, int]:
+    lower = {h.strip().lower(): i for i, h in enumerate(header)}
+    missing = [w for w in wanted if w.lower() not in lower]
+    if missing:
+        raise ValueError(f"{path}: header lacks columns {missing} (header: {header})")
+    return {w: lower[w.lower()] for w in wanted}
+
+
+# ---------------------------------------------------------------------------------------------
+# Criteo
+
+CRITEO_INT = [f"I{i}" for i in range(1, 14)]
+CRITEO_CAT = [f"C{i}" for i in range(1, 27)]
+
+
+def plan_criteo(path, **options) -> Plan:
+    _no_options("criteo", options)
+    p = _resolve(path, ("train.txt", "dac/train.txt", "train.txt.gz", "train.csv"), "criteo")
+    first = _first_line(p)
+    delim = "\t" if "\t" in first else ","
+    parts = first.split(delim)
+    has_header = parts[0].strip().lower() == "label"
+    names = ["label"] + CRITEO_INT + CRITEO_CAT
+    if has_header:
+        idx = _columns_by_name(parts, names, p)
+        column_names = [h.strip() for h in parts]
+    else:
+        idx = {n: i for i, n in enumerate(names)}
+        column_names = names
+    fields = [FieldSpec(n, idx[n], criteo_int_token, thresholded=False) for n in CRITEO_INT]
+    fields += [FieldSpec(n, idx[n]) for n in CRITEO_CAT]
+    schema = TableSchema("criteo", column_names, idx["label"], _binary_label, fields,
+                         min_columns=min(len(column_names), 14))
+    return Plan(schema, RawSource(p, delim, has_header), [p], {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Avazu
+
+AVAZU_COLUMNS = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
+                 "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
+                 "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
+AVAZU_CAT = AVAZU_COLUMNS[3:]
+
+
+def _avazu_date(s: str) -> datetime.date:
+    if len(s) != 8 or not s.isdigit():
+        raise ValueError("hour must be YYMMDDHH")
+    if int(s[6:8]) > 23:
+        raise ValueError("hour of day must be 00..23")
+    try:
+        return datetime.date(2000 + int(s[0:2]), int(s[2:4]), int(s[4:6]))
+    except ValueError:
+        raise ValueError("hour holds an invalid date") from None
+
+
+def avazu_hour_of_day(s: str) -> str:
+    _avazu_date(s)
+    return s[6:8]
+
+
+def avazu_weekday(s: str) -> str:
+    return str(_avazu_date(s).weekday())
+
+
+def plan_avazu(path, **options) -> Plan:
+    _no_options("avazu", options)
+    p = _resolve(path, ("train", "train.csv", "train.gz", "train.csv.gz"), "avazu")
+    parts = _first_line(p).split(",")
+    has_header = parts[0].strip().lower() == "id" or "click" in [x.strip().lower() for x in parts]
+    if has_header:
+        idx = _columns_by_name(parts, AVAZU_COLUMNS, p)
+        column_names = [h.strip() for h in parts]
+    else:
+        idx = {n: i for i, n in enumerate(AVAZU_COLUMNS)}
+        column_names = list(AVAZU_COLUMNS)
+    fields = [FieldSpec("hour_of_day", idx["hour"], avazu_hour_of_day, thresholded=False),
+              FieldSpec("weekday", idx["hour"], avazu_weekday, thresholded=False)]
+    fields += [FieldSpec(n, idx[n]) for n in AVAZU_CAT]
+    schema = TableSchema("avazu", column_names, idx["click"], _binary_label, fields)
+    return Plan(schema, RawSource(p, ",", has_header), [p], {})
+
+
+# ---------------------------------------------------------------------------------------------
+# KDD Cup 2012 track 2
+
+KDD12_COLUMNS = ["Click", "Impression", "DisplayURL", "AdID", "AdvertiserID", "Depth", "Position", "QueryID",
+                 "KeywordID", "TitleID", "DescriptionID", "UserID"]
+
+
+def _kdd12_label(s: str) -> int:
+    if not s.isdigit():
+        raise ValueError("Click must be a non-negative integer")
+    return 1 if int(s) > 0 else 0
+
+
+def _kdd12_impression(s: str) -> str:
+    if not s.isdigit() or int(s) < 1:
+        raise ValueError("Impression must be a positive integer")
+    return criteo_int_token(s)
+
+
+def plan_kdd12(path, *, include_impression: bool = True, **options) -> Plan:
+    _no_options("kdd12", options)
+    p = _resolve(path, ("training.txt", "track2/training.txt", "training.txt.gz"), "kdd12")
+    parts = _first_line(p).split("\t")
+    has_header = parts[0].strip().lower() == "click"
+    if has_header:
+        idx = _columns_by_name(parts, KDD12_COLUMNS, p)
+        column_names = [h.strip() for h in parts]
+    else:
+        idx = {n: i for i, n in enumerate(KDD12_COLUMNS)}
+        column_names = list(KDD12_COLUMNS)
+    fields = []
+    if include_impression:
+        fields.append(FieldSpec("Impression", idx["Impression"], _kdd12_impression, thresholded=False))
+    fields += [FieldSpec(n, idx[n]) for n in KDD12_COLUMNS[2:]]
+    schema = TableSchema("kdd12", column_names, idx["Click"], _kdd12_label, fields)
+    return Plan(schema, RawSource(p, "\t", has_header), [p], {"include_impression": bool(include_impression)})
+
+
+# ---------------------------------------------------------------------------------------------
+# MovieLens
+
+MOVIELENS_FIELDS = ["user_id", "movie_id", "gender", "age", "occupation", "zip", "year", "genres"]
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+_YEAR_RE = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _rating_label(s: str) -> int:
+    s = s.strip()
+    if s in ("4", "5"):
+        return 1
+    if s in ("1", "2"):
+        return 0
+    if s == "3":
+        return -1
+    try:
+        v = float(s)
+    except ValueError:
+        raise ValueError("rating must be a number 1..5") from None
+    if v in (4.0, 5.0):
+        return 1
+    if v in (1.0, 2.0):
+        return 0
+    if v == 3.0:
+        return -1
+    raise ValueError("rating must be 1..5")
+
+
+def movielens_year(title: str, release_date: str = "") -> str:
+    m = _YEAR_RE.search(title)
+    if m:
+        return m.group(1)
+    tail = release_date.strip()[-4:]
+    return tail if len(tail) == 4 and tail.isdigit() else ""
+
+
+def _read_table(path: Path, sep: str, ncols: int, encoding: str = "latin-1") -> dict[str, list[str]]:
+    out = {}
+    with open(path, encoding=encoding, newline="") as f:
+        for i, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split(sep)
+            if len(parts) != ncols:
+                raise ValueError(f"{path}: line {i}: expected {ncols} '{sep}'-separated columns, got {len(parts)}")
+            out[parts[0]] = parts
+    return out
+
+
+class _Lookup:
+    """Transform: id -> one attribute of the joined user/movie table (unknown id = malformed row)."""
+
+    def __init__(self, table: dict[str, tuple], k: int, what: str):
+        self.table, self.k, self.what = table, k, what
+
+    def __call__(self, s: str) -> str:
+        row = self.table.get(s)
+        if row is None:
+            raise ValueError(f"{self.what} id not found")
+        return row[self.k]
+
+
+def _movielens_fields(users, movies, users_file, movies_file) -> list[FieldSpec]:
+    u = f"user (not in {users_file})"
+    m = f"movie (not in {movies_file})"
+    return [
+        FieldSpec("user_id", 0), FieldSpec("movie_id", 1),
+        FieldSpec("gender", 0, _Lookup(users, 0, u)), FieldSpec("age", 0, _Lookup(users, 1, u)),
+        FieldSpec("occupation", 0, _Lookup(users, 2, u)), FieldSpec("zip", 0, _Lookup(users, 3, u)),
+        FieldSpec("year", 1, _Lookup(movies, 0, m)), FieldSpec("genres", 1, _Lookup(movies, 1, m)),
+    ]
+
+
+def _plan_movielens_joined(p: Path, dataset: str) -> Plan:
+    header = [h.strip().lower() for h in _first_line(p).split(",")]
+    wanted = ["user_id", "movie_id", "rating", "title", "genres", "gender", "age", "occupation", "zip"]
+    idx = _columns_by_name(header, wanted, p)
+    fields = [FieldSpec(n, idx[n]) for n in ("user_id", "movie_id", "gender", "age", "occupation", "zip")]
+    fields += [FieldSpec("year", idx["title"], movielens_year), FieldSpec("genres", idx["genres"])]
+    schema = TableSchema(dataset, header, idx["rating"], _rating_label, fields)
+    return Plan(schema, RawSource(p, ",", True, encoding="utf-8"), [p], {"format": "joined-csv"})
+
+
+def plan_movielens1m(path, **options) -> Plan:
+    _no_options("movielens1m", options)
+    if path is not None and Path(path).expanduser().is_file():
+        return _plan_movielens_joined(Path(path).expanduser(), "movielens1m")
+    ratings = _resolve(path, ("ratings.dat", "ml-1m/ratings.dat"), "movielens1m")
+    users_file, movies_file = ratings.parent / "users.dat", ratings.parent / "movies.dat"
+    # users.dat: UserID::Gender::Age::Occupation::Zip-code ; movies.dat: MovieID::Title::Genres
+    users = {k: (v[1], v[2], v[3], v[4]) for k, v in _read_table(users_file, "::", 5).items()}
+    movies = {k: (movielens_year(v[1]), v[2]) for k, v in _read_table(movies_file, "::", 3).items()}
+    schema = TableSchema("movielens1m", ["UserID", "MovieID", "Rating", "Timestamp"], 2, _rating_label,
+                         _movielens_fields(users, movies, users_file.name, movies_file.name))
+    return Plan(schema, RawSource(ratings, "::", False, encoding="latin-1"), [ratings, users_file, movies_file],
+                {"format": "dat"})
+
+
+def plan_movielens100k(path, **options) -> Plan:
+    _no_options("movielens100k", options)
+    if path is not None and Path(path).expanduser().is_file() and Path(path).name != "u.data":
+        return _plan_movielens_joined(Path(path).expanduser(), "movielens100k")
+    data = _resolve(path, ("u.data", "ml-100k/u.data"), "movielens100k")
+    users_file, items_file, genre_file = data.parent / "u.user", data.parent / "u.item", data.parent / "u.genre"
+    genres = list(ML100K_GENRES)
+    files = [data, users_file, items_file]
+    if genre_file.is_file():
+        files.append(genre_file)
+        table = _read_table(genre_file, "|", 2)
+        genres = [name for name, _ in sorted(((v[0], int(v[1])) for v in table.values()), key=lambda t: t[1])]
+    # u.user: id|age|gender|occupation|zip ; u.item: id|title|release|video release|url|19 genre flags
+    users = {k: (v[2], v[1], v[3], v[4]) for k, v in _read_table(users_file, "|", 5).items()}
+    movies = {}
+    for k, v in _read_table(items_file, "|", 5 + len(genres)).items():
+        combo = "|".join(g for g, flag in zip(genres, v[5:]) if flag.strip() == "1")
+        movies[k] = (movielens_year(v[1], v[2]), combo)
+    schema = TableSchema("movielens100k", ["user", "item", "rating", "timestamp"], 2, _rating_label,
+                         _movielens_fields(users, movies, users_file.name, items_file.name))
+    return Plan(schema, RawSource(data, "\t", False, encoding="latin-1"), files, {"format": "u.data"})
+
+
+PLANNERS = {
+    "criteo": plan_criteo,
+    "avazu": plan_avazu,
+    "kdd12": plan_kdd12,
+    "movielens1m": plan_movielens1m,
+    "movielens100k": plan_movielens100k,
+}

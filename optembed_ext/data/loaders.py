@@ -1,0 +1,205 @@
+"""``load_dataset`` and ``preprocess``: raw file -> cached encoded arrays -> train/val/test splits.
+
+Cache layout: ``cache_dir/<dataset>-<key>/`` with ``X.npy`` (n, F) global ids (int32 when the
+table has fewer than 2**31 rows), ``y.npy`` (n,) float32, ``feature_map.json``, ``vocab.json``
+(field -> tokens in local-id order) and ``meta.json`` (parameters, source files, statistics).
+``<key>`` hashes the preprocessing parameters and the size and modification time of every raw
+file read, so a changed file or parameter gets a new folder; the split is applied at load time
+and never invalidates the cache. Folders are written under a temporary name and renamed when
+complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _stream
+from .batching import make_splits
+from .formats import PLANNERS
+from .types import CTRDataset, FeatureMap, _jsonable
+
+logger = logging.getLogger("optembed_ext.data")
+
+__all__ = ["DATASETS", "DEFAULT_MIN_COUNT", "PreprocessResult", "preprocess", "load_dataset", "load_vocab",
+           "canonical_name"]
+
+FORMAT_VERSION = 1
+DATASETS = ("criteo", "avazu", "kdd12", "movielens1m", "movielens100k", "synthetic")
+DEFAULT_MIN_COUNT = {"criteo": 10, "avazu": 10, "kdd12": 10, "movielens1m": 2, "movielens100k": 2}
+_ALIASES = {
+    "ml-1m": "movielens1m", "ml1m": "movielens1m", "movielens-1m": "movielens1m",
+    "ml-100k": "movielens100k", "ml100k": "movielens100k", "movielens-100k": "movielens100k",
+    "kdd2012": "kdd12", "kddcup2012": "kdd12",
+}
+
+
+def canonical_name(name: str) -> str:
+    """Canonical dataset name (accepts a few aliases such as ``ml-1m``); ``ValueError`` if unknown."""
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a dataset name string, got {name!r}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset name {name!r}; expected one of {list(DATASETS)}")
+    return key
+
+
+@dataclass
+class PreprocessResult:
+    """What :func:`preprocess` produced or found: encoded arrays (memory-mapped from the cache when
+    there is one), the feature map and the preprocessing statistics."""
+
+    dataset: str
+    cache_path: Path | None
+    feature_map: FeatureMap
+    X: np.ndarray
+    y: np.ndarray
+    stats: dict[str, Any]
+    from_cache: bool
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.X.shape[0])
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready overview (for a run's metrics file or the CLI)."""
+        return _jsonable({
+            "dataset": self.dataset, "cache_path": None if self.cache_path is None else str(self.cache_path),
+            "from_cache": self.from_cache, "num_rows": self.num_rows, "num_fields": self.feature_map.num_fields,
+            "num_features": self.feature_map.num_features, "field_names": self.feature_map.field_names,
+            "cardinalities": self.feature_map.cardinalities, "positive_rate": float(np.mean(self.y)) if len(self.y) else None,
+            "params": self.params,
+            "stats": {k: v for k, v in self.stats.items() if k != "fields"},
+        })
+
+
+def _file_key(p: Path) -> list:
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = None, strict: bool = False,
+               max_rows: int | None = None, chunk_rows: int = 100_000, progress: bool = True,
+               force: bool = False, **options) -> PreprocessResult:
+    """Encode the raw files of dataset ``name`` found at ``data_dir`` (a folder or the file itself).
+
+    Streams the raw file twice (count, then encode) in chunks of ``chunk_rows`` lines. With a
+    ``cache_dir`` the result is stored in ``cache_dir/<name>-<key>/`` and reused on the next call
+    with the same parameters and unchanged files (``force=True`` rebuilds it); without one the
+    arrays are built in memory. ``min_count=None`` uses the dataset default
+    (:data:`DEFAULT_MIN_COUNT`: 10 for criteo/avazu/kdd12, 2 for MovieLens). ``max_rows`` caps the
+    data lines read. ``strict=True`` raises ``ValueError`` (file, line, column) on the first
+    malformed row instead of skipping and counting it. ``options`` are format options
+    (kdd12: ``include_impression``).
+    """
+    name = canonical_name(name)
+    if name == "synthetic":
+        raise ValueError("the synthetic dataset is generated, not preprocessed; use make_synthetic")
+    min_count = _check_int("min_count", DEFAULT_MIN_COUNT[name] if min_count is None else min_count, 1)
+    max_rows = _check_int("max_rows", max_rows, 1, allow_none=True)
+    chunk_rows = _check_int("chunk_rows", chunk_rows, 1)
+    plan = PLANNERS[name](data_dir, **options)
+    params = {"dataset": name, "min_count": min_count, "strict": bool(strict), "max_rows": max_rows,
+              "options": plan.options, "format_version": FORMAT_VERSION}
+    if cache_dir is None:
+        table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
+                                     max_rows=max_rows, chunk_rows=chunk_rows, progress=progress)
+        return PreprocessResult(name, None, table.feature_map, table.X, table.y, table.stats, False, params)
+
+    files = [_file_key(p) for p in plan.files]
+    key = hashlib.sha256(json.dumps({"params": params, "files": files}, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir).expanduser()
+    final = cache_dir / f"{name}-{key}"
+    if final.is_dir() and not force:
+        try:
+            return _load_cached(name, final, params)
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("cache folder %s is unreadable (%s); rebuilding it", final, e)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{name}-{key}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
+                                     max_rows=max_rows, chunk_rows=chunk_rows, progress=progress, out_dir=tmp)
+        del table.X, table.y  # flushed memory maps; reopened read-only below
+        table.feature_map.to_json(tmp / "feature_map.json")
+        (tmp / "vocab.json").write_text(json.dumps(table.vocab))
+        meta = {"params": params, "files": files, "stats": table.stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("%s: wrote cache %s", name, final)
+    result = _load_cached(name, final, params)
+    result.from_cache = False
+    return result
+
+
+def _load_cached(name: str, folder: Path, params: dict) -> PreprocessResult:
+    fmap = FeatureMap.from_json(folder / "feature_map.json")
+    meta = json.loads((folder / "meta.json").read_text())
+    X = np.load(folder / "X.npy", mmap_mode="r")
+    y = np.load(folder / "y.npy", mmap_mode="r")
+    if X.ndim != 2 or X.shape[1] != fmap.num_fields or y.shape != (X.shape[0],):
+        raise ValueError(f"cached arrays in {folder} do not match feature_map.json")
+    logger.info("%s: using cached preprocessing %s", name, folder)
+    return PreprocessResult(name, folder, fmap, X, y, meta.get("stats", {}), True, params)
+
+
+def load_vocab(cache_path) -> dict[str, list[str]]:
+    """Field -> tokens in local-id order, from a cache folder (``<OOV>`` at 0, ``<EMPTY>`` at 1)."""
+    return json.loads((Path(cache_path) / "vocab.json").read_text())
+
+
+def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | None = None, split: str = "random",
+                 seed: int = 2022, ratios: Sequence[float] = (0.8, 0.1, 0.1), strict: bool = False,
+                 max_rows: int | None = None, progress: bool = True, **kwargs) -> CTRDataset:
+    """Load dataset ``name`` as a :class:`CTRDataset` with train/val/test splits.
+
+    ``name`` in ``criteo, avazu, kdd12, movielens1m, movielens100k, synthetic``. Raw datasets go
+    through :func:`preprocess` (``kwargs``: ``chunk_rows``, ``force`` and format options), then
+    are split ``ratios`` (default 8:1:1) at random with ``seed`` or, with ``split="sequential"``,
+    in file order. ``"synthetic"`` forwards ``seed``, ``split``, ``ratios`` and ``kwargs`` to
+    :func:`make_synthetic` (``data_dir`` is ignored).
+
+    ``info`` holds ``dataset``, ``cache_path``, ``from_cache``, ``num_rows``, ``stats`` (row counts,
+    malformed rows, per-field vocabulary figures), ``min_count``, ``split``, ``seed``, ``ratios``.
+    """
+    name = canonical_name(name)
+    if split not in ("random", "sequential"):
+        raise ValueError(f"split must be 'random' or 'sequential', got {split!r}")
+    if name == "synthetic":
+        from .synthetic import make_synthetic
+
+        return make_synthetic(seed=seed, split=split, ratios=ratios, **kwargs)
+    res = preprocess(name, data_dir, cache_dir, min_count=min_count, strict=strict, max_rows=max_rows,
+                     progress=progress, **kwargs)
+    train, val, test = make_splits(res.X, res.y, split=split, seed=seed, ratios=ratios)
+    info = {
+        "dataset": name, "cache_path": None if res.cache_path is None else str(res.cache_path),
+        "from_cache": res.from_cache, "num_rows": res.num_rows, "stats": res.stats,
+        "min_count": res.params["min_count"], "split": split, "seed": seed, "ratios": tuple(ratios),
+    }
+    return CTRDataset(res.feature_map, train, val, test, info)

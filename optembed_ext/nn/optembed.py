@@ -1,0 +1,234 @@
+"""OptEmbed embedding table (Lyu et al., CIKM 2022): learned row pruning + field-wise embedding dimensions.
+
+One ``(N, D)`` table serves all three OptEmbed phases:
+
+* **supernet** -- rows are pruned by a learnable per-field threshold ``t`` (``mask = ||w_r||_p > t_f``, trained
+  through the straight-through estimator of :func:`optembed_ext.ops.masked_embedding`), the loss gets
+  ``alpha * sum(exp(-t))`` and, while training, every sample keeps a random prefix ``k in 1..D`` of each field's
+  embedding (``set_dims((B, F))``, done by :class:`optembed_ext.search.optembed.OptEmbedSupernetCallback`);
+* **evolutionary search** -- the table is evaluated with the row mask frozen and candidate field dims;
+* **retraining** -- the row mask ``m_e`` and the field dims ``m_d`` are frozen (:meth:`freeze`), pruned rows
+  output zeros (or the field's OOV vector) and get no gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import EmbeddingModule
+
+NORMS = (1, 2)
+
+
+def _ops():
+    from .. import ops  # imported lazily: the op module loads the compiled extension
+
+    return ops
+
+
+class OptEmbedEmbedding(EmbeddingModule):
+    """OptEmbed table with per-field pruning thresholds and per-field (or per-sample) kept dimensions.
+
+    Args:
+        feature_map: the dataset's feature map.
+        embed_dim: maximum embedding dimension ``D``.
+        norm: ``p`` of the row norm compared with the threshold, 1 (default, as the paper) or 2.
+        alpha: weight of the threshold regulariser ``alpha * sum_f exp(-t_f)`` (default 3e-4).
+        threshold_lr: learning rate of the thresholds (default 3e-4); they get no weight decay.
+        threshold_init: initial value of every threshold (default 0).
+        prune_rows: learn thresholds (False: no row pruning, the OptEmbed-D supernet).
+        oov: pruned rows output a learned per-field OOV vector instead of zeros.
+        check_indices: validate ids in ``forward``.
+    """
+
+    def __init__(self, feature_map, embed_dim: int = 64, *, norm: int = 1, alpha: float = 3e-4,
+                 threshold_lr: float = 3e-4, threshold_init: float = 0.0, prune_rows: bool = True,
+                 oov: bool = False, check_indices: bool = True):
+        super().__init__(feature_map, embed_dim)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be 1 or 2, got {norm!r}")
+        for name, value in (("alpha", alpha), ("threshold_lr", threshold_lr)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not (isinstance(threshold_init, (int, float)) and math.isfinite(threshold_init)):
+            raise ValueError(f"threshold_init must be a finite number, got {threshold_init!r}")
+        self.norm = int(norm)
+        self.alpha = float(alpha)
+        self.threshold_lr = float(threshold_lr)
+        self.threshold_init = float(threshold_init)
+        self.prune_rows = bool(prune_rows)
+        self.check_indices = bool(check_indices)
+        self.weight = nn.Parameter(torch.empty(self.num_features, embed_dim))
+        if self.prune_rows:
+            self.threshold = nn.Parameter(torch.full((self.num_fields,), self.threshold_init))
+        else:
+            self.register_parameter("threshold", None)
+        if oov:
+            self.oov_weight = nn.Parameter(torch.empty(self.num_fields, embed_dim))
+        else:
+            self.register_parameter("oov_weight", None)
+        self.register_buffer("field_of_row", feature_map.field_of_row().long(), persistent=False)
+        # Frozen masks of the retraining phase (None while searching).
+        self.register_buffer("fixed_row_mask", None)
+        self.register_buffer("fixed_field_dims", None)
+        self._dims: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        if self.oov_weight is not None:
+            nn.init.xavier_uniform_(self.oov_weight)
+        if self.threshold is not None:
+            with torch.no_grad():
+                self.threshold.fill_(self.threshold_init)
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The frozen masks are None-valued buffers until freeze(); adopt their shape from the state dict.
+        for name in ("fixed_row_mask", "fixed_field_dims"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def frozen(self) -> bool:
+        """True once :meth:`freeze` fixed the row mask (retraining phase)."""
+        return self.fixed_row_mask is not None
+
+    def freeze(self, row_mask: torch.Tensor | None = None, field_dims=None) -> None:
+        """Fix the row mask ``m_e`` (bool (N,), None = keep all rows) and the field dims ``m_d`` ((F,), None = D).
+
+        After freezing, the thresholds are no longer used or trained and the regulariser is 0.
+        """
+        device = self.weight.device
+        if row_mask is None:
+            row_mask = torch.ones(self.num_features, dtype=torch.bool, device=device)
+        row_mask = torch.as_tensor(row_mask, device=device)
+        if row_mask.dtype != torch.bool or tuple(row_mask.shape) != (self.num_features,):
+            raise ValueError(f"row_mask must be a bool tensor of shape ({self.num_features},), "
+                             f"got {row_mask.dtype} {tuple(row_mask.shape)}")
+        self.fixed_row_mask = row_mask.clone()
+        self.fixed_field_dims = None if field_dims is None else self._check_field_dims(field_dims)
+        if self.threshold is not None:
+            self.threshold.requires_grad_(False)
+
+    def _check_field_dims(self, field_dims) -> torch.Tensor:
+        dims = torch.as_tensor(field_dims, dtype=torch.long, device=self.weight.device)
+        if tuple(dims.shape) != (self.num_fields,):
+            raise ValueError(f"field_dims must have shape ({self.num_fields},), got {tuple(dims.shape)}")
+        if dims.numel() and (int(dims.min()) < 1 or int(dims.max()) > self.embed_dim):
+            raise ValueError(f"field_dims must lie in [1, {self.embed_dim}], got {dims.tolist()}")
+        return dims.clone()
+
+    # ------------------------------------------------------------------- dims
+    @property
+    def dims(self) -> torch.Tensor | None:
+        """Kept dimensions set by :meth:`set_dims`: None (all D), (F,) or (B, F) int64."""
+        return self._dims
+
+    def set_dims(self, dims) -> None:
+        """Set the kept dimensions of the next forward passes: None, (F,) or (B, F) ints in ``1..D``.
+
+        Per-sample ``(B, F)`` dims apply only in training mode (the supernet's random prefix masks); in
+        evaluation mode the full dimension (or the frozen field dims) is used.
+        """
+        if dims is None:
+            self._dims = None
+            return
+        dims = torch.as_tensor(dims, dtype=torch.long, device=self.weight.device)
+        if dims.dim() not in (1, 2) or dims.shape[-1] != self.num_fields:
+            raise ValueError(f"dims must have shape ({self.num_fields},) or (B, {self.num_fields}), "
+                             f"got {tuple(dims.shape)}")
+        if dims.numel() and (int(dims.min()) < 1 or int(dims.max()) > self.embed_dim):
+            raise ValueError(f"dims must lie in [1, {self.embed_dim}]")
+        self._dims = dims
+
+    def _forward_dims(self, batch: int) -> torch.Tensor | None:
+        dims = self._dims
+        if dims is not None and dims.dim() == 2:
+            if not self.training:
+                dims = None
+            elif dims.shape[0] != batch:
+                raise ValueError(f"per-sample dims have batch {dims.shape[0]} but ids have batch {batch}")
+        if dims is None:
+            dims = self.fixed_field_dims
+        return dims
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.check_ids(ids, check_range=self.check_indices)
+        ops = _ops()
+        dims = self._forward_dims(ids.shape[0])
+        if not self.frozen:
+            return ops.masked_embedding(self.weight, ids, self.threshold, dims, self.norm, self.oov_weight,
+                                        check_indices=False)
+        # Retraining: the frozen row mask replaces the threshold; pruned rows give zeros (or OOV), no gradient.
+        out = ops.masked_embedding(self.weight, ids, None, dims, self.norm, None, check_indices=False)
+        keep = self.fixed_row_mask[ids]
+        out = out * keep.unsqueeze(-1).to(out.dtype)
+        if self.oov_weight is not None:
+            oov = self.oov_weight.unsqueeze(0).expand(ids.shape[0], -1, -1)
+            if dims is not None:
+                cols = torch.arange(self.embed_dim, device=ids.device)
+                oov = oov * (cols < dims.unsqueeze(-1)).to(oov.dtype)
+            out = out + (~keep).unsqueeze(-1).to(out.dtype) * oov
+        return out
+
+    # --------------------------------------------------------------- training
+    def regularization(self) -> torch.Tensor:
+        """``alpha * sum_f exp(-t_f)`` while the thresholds are learned, else 0."""
+        if self.threshold is None or self.frozen or self.alpha == 0:
+            return torch.zeros((), device=self.weight.device)
+        return self.alpha * torch.exp(-self.threshold).sum()
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """The table (and OOV vectors) at the model's lr/wd; the thresholds at ``threshold_lr`` without decay."""
+        table = [self.weight] + ([self.oov_weight] if self.oov_weight is not None else [])
+        groups = [{"params": table, "lr": lr, "weight_decay": weight_decay}]
+        if self.threshold is not None and not self.frozen:
+            groups.append({"params": [self.threshold], "lr": self.threshold_lr, "weight_decay": 0.0})
+        return groups
+
+    # ------------------------------------------------------------------ masks
+    @torch.no_grad()
+    def row_mask(self) -> torch.Tensor:
+        """bool (N,): rows kept -- the frozen mask, else ``||w_r||_p > t_f`` (all True without thresholds)."""
+        if self.frozen:
+            return self.fixed_row_mask.clone()
+        if self.threshold is None:
+            return torch.ones(self.num_features, dtype=torch.bool, device=self.weight.device)
+        return _ops().row_mask(self.weight.detach(), self.field_of_row, self.threshold.detach(), self.norm)
+
+    def field_dims(self) -> list[int]:
+        """Dimension of each field as served: the frozen field dims, else ``D`` for every field."""
+        if self.fixed_field_dims is not None:
+            return [int(d) for d in self.fixed_field_dims.tolist()]
+        return [self.embed_dim] * self.num_fields
+
+    def kept_rows_per_field(self) -> list[int]:
+        mask = self.row_mask()
+        counts = torch.zeros(self.num_fields, dtype=torch.long, device=mask.device)
+        counts.index_add_(0, self.field_of_row, mask.long())
+        return [int(c) for c in counts.tolist()]
+
+    # ------------------------------------------------------------------ sizes
+    def num_params(self) -> int:
+        """Kept rows times their field's dimension."""
+        kept = torch.tensor(self.kept_rows_per_field(), dtype=torch.long)
+        dims = torch.tensor(self.field_dims(), dtype=torch.long)
+        return int((kept * dims).sum())
+
+    def memory_bytes(self) -> int:
+        """Values of the kept rows at their field dims (plus the OOV vectors), at the table's element size."""
+        values = self.num_params()
+        if self.oov_weight is not None:
+            values += int(sum(self.field_dims()))
+        return int(values * self.weight.element_size())
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", norm={self.norm}, alpha={self.alpha}, prune_rows={self.prune_rows}, "
+                f"oov={self.oov_weight is not None}, frozen={self.frozen}")
+

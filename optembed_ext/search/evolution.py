@@ -1,0 +1,339 @@
+"""Evolutionary search of OptEmbed's field-wise embedding dimensions on a trained supernet.
+
+A candidate is an int64 vector ``(F,)`` of kept dimensions in ``1..D`` (a prefix mask per field). Each generation
+the population is evaluated on validation data with the supernet's row mask fixed (fitness = AUC), sorted, and
+the next population is ``keep_num`` elites + ``mutation_num`` mutants of the best candidates (each field redrawn
+with probability ``m_prob``) + ``crossover_num`` one-point crossovers of pairs of the best candidates -- the
+operators and defaults of the OptEmbed reference code. The most accurate candidate seen is the result.
+
+Population evaluation is batched: one embedding lookup per validation batch is shared by all candidates, each
+candidate's dimension mask is applied to it, and the interaction network runs once on the stacked
+``(C * B, F, D)`` candidates (``model.predict_from_embeddings``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EvolutionConfig:
+    """Hyper-parameters of the search (defaults of the OptEmbed reference code, except ``generations``)."""
+
+    generations: int = 30          # T: number of generations evaluated
+    mutation_num: int = 10         # mutants per generation
+    crossover_num: int = 10        # crossovers per generation
+    keep_num: int = 0              # elites copied unchanged into the next generation
+    m_prob: float = 0.1            # per-field mutation probability
+    seed: int = 0
+    eval_batch_size: int = 4096    # validation ids per shared embedding lookup
+    max_stack_rows: int = 65536    # at most this many (candidate, sample) rows per stacked forward
+    cache: bool = True             # evaluate a candidate seen before only once
+
+    def __post_init__(self):
+        for name in ("generations", "mutation_num", "crossover_num", "keep_num", "eval_batch_size",
+                     "max_stack_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.eval_batch_size < 1 or self.max_stack_rows < 1:
+            raise ValueError("eval_batch_size and max_stack_rows must be positive")
+        if self.mutation_num + self.crossover_num + self.keep_num < 1:
+            raise ValueError("the population is empty: mutation_num + crossover_num + keep_num must be >= 1")
+        if not (0.0 < float(self.m_prob) <= 1.0):
+            raise ValueError(f"m_prob must lie in (0, 1], got {self.m_prob!r}")
+
+    @property
+    def population_size(self) -> int:
+        return self.keep_num + self.mutation_num + self.crossover_num
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvolutionConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown evolution config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- operators
+def random_candidates(num: int, num_fields: int, embed_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """``num`` candidates with every field's dimension uniform in ``1..embed_dim``."""
+    return rng.integers(1, embed_dim + 1, size=(num, num_fields), dtype=np.int64)
+
+
+def mutate(parent: np.ndarray, m_prob: float, embed_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Copy of ``parent`` with each field redrawn uniformly in ``1..embed_dim`` with probability ``m_prob``."""
+    parent = np.asarray(parent, dtype=np.int64)
+    child = parent.copy()
+    hit = rng.random(parent.shape[0]) < m_prob
+    child[hit] = rng.integers(1, embed_dim + 1, size=int(hit.sum()), dtype=np.int64)
+    return child
+
+
+def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One-point crossover: ``a[:point] ++ b[point:]`` with ``point`` uniform in ``1..F-1`` (``a`` if F == 1)."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"crossover parents must have the same shape, got {a.shape} and {b.shape}")
+    if a.shape[0] < 2:
+        return a.copy()
+    point = int(rng.integers(1, a.shape[0]))
+    return np.concatenate([a[:point], b[point:]])
+
+
+def next_generation(sorted_cands: np.ndarray, config: EvolutionConfig, embed_dim: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Elites + mutants of the best ``mutation_num`` + crossovers of distinct pairs among the best."""
+    n = sorted_cands.shape[0]
+    out = [sorted_cands[i].copy() for i in range(min(config.keep_num, n))]
+    for i in range(config.mutation_num):
+        out.append(mutate(sorted_cands[i % n], config.m_prob, embed_dim, rng))
+    pool = min(n, config.crossover_num + 1)
+    seen: set[tuple[int, int]] = set()
+    max_pairs = pool * pool
+    for _ in range(config.crossover_num):
+        x, y = int(rng.integers(pool)), int(rng.integers(pool))
+        while (x, y) in seen and len(seen) < max_pairs:
+            x, y = int(rng.integers(pool)), int(rng.integers(pool))
+        seen.add((x, y))
+        out.append(crossover(sorted_cands[x], sorted_cands[y], rng))
+    return np.stack(out).astype(np.int64)
+
+
+def prefix_masks(cands: torch.Tensor, embed_dim: int, dtype=torch.float32) -> torch.Tensor:
+    """``(C, F)`` dims -> ``(C, F, D)`` masks with ones on the first ``dims`` columns."""
+    cols = torch.arange(embed_dim, device=cands.device)
+    return (cols < cands.unsqueeze(-1)).to(dtype)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from ..train.metrics import roc_auc
+
+    return float(roc_auc(y, p))
+
+
+@torch.no_grad()
+def evaluate_population(model, split, cands, *, batch_size: int = 4096, max_stack_rows: int = 65536,
+                        device="cpu") -> dict:
+    """Validation AUC (and predictions) of every candidate, the population batched.
+
+    For each batch of ids the embedding is looked up once (full dimension, the model's row mask applied); the
+    candidates' prefix masks are applied to it and ``model.predict_from_embeddings`` runs on the stacked
+    ``(C' * B, F, D)`` tensor, ``C'`` candidates at a time so that at most ``max_stack_rows`` rows are stacked.
+
+    Returns ``{"auc": list[float] (C,), "probs": float64 (C, n)}``.
+    """
+    cands = torch.as_tensor(np.asarray(cands), dtype=torch.long, device=device)
+    if cands.dim() != 2:
+        raise ValueError(f"cands must have shape (C, F), got {tuple(cands.shape)}")
+    model.eval()
+    emb_module = model.embedding
+    emb_module.set_dims(None)
+    num_c = cands.shape[0]
+    D = emb_module.embed_dim
+    masks = prefix_masks(cands, D)
+    X = torch.as_tensor(split.X)
+    y = np.asarray(split.y, dtype=np.float64)
+    probs = np.empty((num_c, len(y)), dtype=np.float64)
+    saved_dims = emb_module.fixed_field_dims if hasattr(emb_module, "fixed_field_dims") else None
+    if saved_dims is not None:
+        emb_module.fixed_field_dims = None
+    try:
+        for start in range(0, len(y), batch_size):
+            ids = X[start:start + batch_size].to(device)
+            B = ids.shape[0]
+            emb = emb_module(ids)                                  # (B, F, D), one lookup for all candidates
+            chunk = max(1, min(num_c, max_stack_rows // max(B, 1)))
+            for c0 in range(0, num_c, chunk):
+                m = masks[c0:c0 + chunk]                           # (C', F, D)
+                c = m.shape[0]
+                stacked = (emb.unsqueeze(0) * m.unsqueeze(1).to(emb.dtype)).reshape(c * B, *emb.shape[1:])
+                logits = model.predict_from_embeddings(stacked, ids.repeat(c, 1))
+                probs[c0:c0 + c, start:start + B] = torch.sigmoid(logits.float()).view(c, B).cpu().numpy()
+    finally:
+        if saved_dims is not None:
+            emb_module.fixed_field_dims = saved_dims
+    return {"auc": [_auc(y, probs[i]) for i in range(num_c)], "probs": probs}
+
+
+@torch.no_grad()
+def evaluate_one_at_a_time(model, split, cands, *, batch_size: int = 4096, device="cpu") -> dict:
+    """The plain path: one full forward (lookup + network) per candidate, the candidate's dims set as the
+    embedding's field dims. Same outputs as :func:`evaluate_population`."""
+    cands = torch.as_tensor(np.asarray(cands), dtype=torch.long, device=device)
+    model.eval()
+    emb_module = model.embedding
+    X = torch.as_tensor(split.X)
+    y = np.asarray(split.y, dtype=np.float64)
+    probs = np.empty((cands.shape[0], len(y)), dtype=np.float64)
+    for i in range(cands.shape[0]):
+        emb_module.set_dims(cands[i])
+        try:
+            for start in range(0, len(y), batch_size):
+                ids = X[start:start + batch_size].to(device)
+                probs[i, start:start + ids.shape[0]] = torch.sigmoid(model(ids).float()).cpu().numpy()
+        finally:
+            emb_module.set_dims(None)
+    return {"auc": [_auc(y, probs[i]) for i in range(cands.shape[0])], "probs": probs}
+
+
+def num_params_of(cand, kept_rows_per_field) -> int:
+    """Embedding parameters of a candidate: sum over fields of kept rows x dims."""
+    return int(np.dot(np.asarray(kept_rows_per_field, dtype=np.int64), np.asarray(cand, dtype=np.int64)))
+
+
+# --------------------------------------------------------------------------- search
+class EvolutionSearch:
+    """Evolutionary search of the field dims on a trained supernet; checkpoints after every generation.
+
+    Args:
+        model: the supernet (a CTR model whose embedding is an :class:`~optembed_ext.nn.OptEmbedEmbedding`,
+            row mask frozen by the caller).
+        split: validation split (fitness).
+        config: :class:`EvolutionConfig`.
+        run_dir: where ``evolution_state.pt`` (after each generation) and ``evolution.json`` go; with
+            ``resume`` a rerun continues after the last finished generation.
+        device: device of the evaluation.
+        on_generation_end: optional ``fn(generation, record)`` called after each checkpoint.
+    """
+
+    STATE = "evolution_state.pt"
+
+    def __init__(self, model, split, config: EvolutionConfig | None = None, run_dir=None, device="cpu",
+                 on_generation_end=None, log=print):
+        self.model = model
+        self.split = split
+        self.config = config if config is not None else EvolutionConfig()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = device
+        self.on_generation_end = on_generation_end
+        self.log = log
+        emb = model.embedding
+        self.num_fields = emb.num_fields
+        self.embed_dim = emb.embed_dim
+        self.kept_rows = emb.kept_rows_per_field() if hasattr(emb, "kept_rows_per_field") else \
+            list(emb.feature_map.cardinalities)
+
+    def _evaluate(self, cands: np.ndarray, cache: dict) -> tuple[list[float], int]:
+        keys = [tuple(int(v) for v in c) for c in cands]
+        todo = []
+        for k in keys:
+            if not (self.config.cache and k in cache) and k not in todo:
+                todo.append(k)
+        if todo:
+            res = evaluate_population(self.model, self.split, np.array(todo, dtype=np.int64),
+                                      batch_size=self.config.eval_batch_size,
+                                      max_stack_rows=self.config.max_stack_rows, device=self.device)
+            for k, a in zip(todo, res["auc"]):
+                cache[k] = a
+        return [cache[k] for k in keys], len(todo)
+
+    def _save(self, state: dict) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / (self.STATE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.run_dir / self.STATE)
+
+    def _load(self) -> dict | None:
+        if self.run_dir is None or not (self.run_dir / self.STATE).exists():
+            return None
+        state = torch.load(self.run_dir / self.STATE, weights_only=False)
+        keys = ("mutation_num", "crossover_num", "keep_num", "m_prob", "seed")
+        old, new = state.get("config", {}), asdict(self.config)
+        if any(old.get(k) != new[k] for k in keys):
+            # Only settings that do not change the search trajectory (generations, batch sizes) may change.
+            raise ValueError(f"{self.run_dir / self.STATE} was written with a different evolution config: "
+                             f"{ {k: old.get(k) for k in keys} } vs { {k: new[k] for k in keys} }")
+        return state
+
+    def run(self, resume: bool = True) -> dict:
+        cfg = self.config
+        state = self._load() if resume else None
+        if state is None:
+            rng = np.random.default_rng(cfg.seed)
+            population = random_candidates(cfg.population_size, self.num_fields, self.embed_dim, rng)
+            state = {"generation": 0, "population": population, "rng": rng.bit_generator.state, "cache": {},
+                     "best": None, "history": [], "seconds": 0.0, "evaluated": 0, "config": asdict(cfg)}
+        else:
+            self.log(f"[evolution] resuming after generation {state['generation']}")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        cache = state["cache"]
+        while state["generation"] < cfg.generations:
+            t0 = time.perf_counter()
+            population = state["population"]
+            aucs, n_eval = self._evaluate(population, cache)
+            order = np.argsort(-np.asarray(aucs), kind="stable")
+            population = population[order]
+            aucs = [aucs[i] for i in order]
+            params = [num_params_of(c, self.kept_rows) for c in population]
+            if state["best"] is None or aucs[0] > state["best"]["val_auc"]:
+                state["best"] = {"dims": [int(v) for v in population[0]], "val_auc": float(aucs[0]),
+                                 "num_params": int(params[0]), "generation": int(state["generation"])}
+            seconds = time.perf_counter() - t0
+            record = {"generation": int(state["generation"]), "best_auc": float(aucs[0]),
+                      "worst_auc": float(aucs[-1]), "mean_auc": float(np.mean(aucs)),
+                      "best_so_far": float(state["best"]["val_auc"]), "min_params": int(min(params)),
+                      "evaluated": int(n_eval), "seconds": seconds}
+            state["history"].append(record)
+            state["evaluated"] += n_eval
+            state["population"] = next_generation(population, cfg, self.embed_dim, rng)
+            state["rng"] = rng.bit_generator.state
+            state["generation"] += 1
+            state["seconds"] += time.perf_counter() - t0
+            self._save(state)
+            self.log(f"[evolution] generation {record['generation']}: best {record['best_auc']:.5f} "
+                     f"worst {record['worst_auc']:.5f} ({n_eval} evaluated, {seconds:.2f}s)")
+            if self.on_generation_end is not None:
+                self.on_generation_end(record["generation"], record)
+        result = {"best_dims": state["best"]["dims"] if state["best"] else [self.embed_dim] * self.num_fields,
+                  "best_val_auc": state["best"]["val_auc"] if state["best"] else float("nan"),
+                  "best_generation": state["best"]["generation"] if state["best"] else -1,
+                  "num_params": state["best"]["num_params"] if state["best"] else None,
+                  "generations": int(state["generation"]), "history": state["history"],
+                  "candidates_evaluated": int(state["evaluated"]), "seconds": float(state["seconds"])}
+        if self.run_dir is not None:
+            with open(self.run_dir / "evolution.json", "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
+
+def measure_speedup(model, split, num_candidates: int, *, batch_size: int = 4096, max_stack_rows: int = 65536,
+                    seed: int = 0, device="cpu", repeats: int = 1) -> dict:
+    """Time one generation of ``num_candidates`` random candidates batched vs one at a time (after a warm-up).
+
+    Also checks that both give the same AUC per candidate. Returns seconds (median of ``repeats``), speedup and
+    the largest AUC / probability difference.
+    """
+    emb = model.embedding
+    rng = np.random.default_rng(seed)
+    cands = random_candidates(num_candidates, emb.num_fields, emb.embed_dim, rng)
+    warm = cands[:1]
+    evaluate_population(model, split, warm, batch_size=batch_size, max_stack_rows=max_stack_rows, device=device)
+    evaluate_one_at_a_time(model, split, warm, batch_size=batch_size, device=device)
+    tb, to = [], []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        rb = evaluate_population(model, split, cands, batch_size=batch_size, max_stack_rows=max_stack_rows,
+                                 device=device)
+        tb.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ro = evaluate_one_at_a_time(model, split, cands, batch_size=batch_size, device=device)
+        to.append(time.perf_counter() - t0)
+    batched, single = float(np.median(tb)), float(np.median(to))
+    return {"candidates": int(num_candidates), "samples": int(len(split.y)), "batched_seconds": batched,
+            "one_at_a_time_seconds": single, "speedup": single / batched if batched > 0 else math.inf,
+            "max_auc_diff": float(np.max(np.abs(np.asarray(rb["auc"]) - np.asarray(ro["auc"])))),
+            "max_prob_diff": float(np.max(np.abs(rb["probs"] - ro["probs"])))}

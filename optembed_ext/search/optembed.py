@@ -1,0 +1,639 @@
+"""The OptEmbed pipeline (Lyu et al., CIKM 2022): supernet -> evolutionary search -> retraining.
+
+:func:`run_optembed` runs, in one run folder, every phase needed to compare OptEmbed with the uniform table:
+
+================  =====================================================================================
+phase             what it does
+================  =====================================================================================
+``uniform``       the original model: a uniform ``(N, D)`` table, trained at the same settings
+``supernet``      OptEmbed supernet: learned per-field thresholds prune rows, random per-sample prefix dims;
+                  keeps the row mask ``m_e`` of the best validation epoch
+``evolution``     evolutionary search of the field dims ``m_d`` on the supernet with ``m_e`` fixed
+                  (population-batched evaluation); also "without retraining" = supernet + (m_e, m_d) on test
+``retrain``       retrain with ``m_e`` and ``m_d`` fixed from the saved initial weights (or fresh)
+``supernet_e`` /  ablations (``ablations=True``): OptEmbed-E (row mask only: supernet without dim sampling,
+``retrain_e``     retrain with D dims)
+``supernet_d`` /  OptEmbed-D (dims only: supernet without thresholds, evolution, retrain with all rows)
+``evolution_d`` /
+``retrain_d``
+================  =====================================================================================
+
+Each phase works in ``out_dir/phases/<name>/`` and writes ``done.json`` when finished; a rerun with the same
+``out_dir`` skips finished phases, resumes a training phase from its trainer checkpoint and the evolution from
+its last finished generation. The initial weights of all OptEmbed models (and of the uniform model's shared
+parameters) are saved once in ``out_dir/init_state.pt`` before the first phase.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..nn.optembed import OptEmbedEmbedding
+from ..train.callbacks import Callback
+from .evolution import EvolutionConfig, EvolutionSearch, measure_speedup
+
+RESULT_FILE = "optembed_result.pt"
+RETRAIN_INITS = ("lottery", "fresh")
+ABLATION_SUPERNETS = ("separate", "shared")
+
+
+# =========================================================================== configuration
+@dataclass
+class OptEmbedConfig:
+    """All settings of an OptEmbed run (defaults: the OptEmbed reference code).
+
+    Training settings apply to every trained phase (uniform, supernets, retraining); ``supernet_epochs`` /
+    ``retrain_epochs`` override ``epochs`` for one kind of phase. ``patience`` is the early-stopping patience on
+    validation AUC (the reference code stops at the first epoch without improvement: 1).
+    """
+
+    # embedding / backbone
+    embed_dim: int = 64
+    model_cfg: dict = field(default_factory=dict)
+    # supernet (row pruning)
+    norm: int = 1
+    alpha: float = 3e-4
+    threshold_lr: float = 3e-4
+    threshold_init: float = 0.0
+    oov: bool = False
+    # training
+    lr: float = 1e-4
+    weight_decay: float = 5e-5
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+    optimizer: str = "adam"
+    epochs: int = 30
+    supernet_epochs: int | None = None
+    retrain_epochs: int | None = None
+    patience: int | None = 1
+    max_steps_per_epoch: int | None = None
+    seed: int = 2022
+    device: str = "cpu"
+    progress: bool = False
+    # evolutionary search
+    generations: int = 30
+    mutation_num: int = 10
+    crossover_num: int = 10
+    keep_num: int = 0
+    m_prob: float = 0.1
+    evo_seed: int = 0
+    evo_batch_size: int = 4096
+    max_stack_rows: int = 65536
+    measure_speedup: bool = True
+    # retraining
+    retrain_init: str = "lottery"
+    # what to run
+    baseline: bool = True
+    retrain: bool = True
+    ablations: bool = False
+    ablation_supernets: str = "separate"
+
+    def __post_init__(self):
+        if self.retrain_init not in RETRAIN_INITS:
+            raise ValueError(f"retrain_init must be one of {RETRAIN_INITS}, got {self.retrain_init!r}")
+        if self.ablation_supernets not in ABLATION_SUPERNETS:
+            raise ValueError(f"ablation_supernets must be one of {ABLATION_SUPERNETS}, "
+                             f"got {self.ablation_supernets!r}")
+        if self.norm not in (1, 2):
+            raise ValueError(f"norm must be 1 or 2, got {self.norm!r}")
+        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
+        if not isinstance(self.model_cfg, dict):
+            raise ValueError(f"model_cfg must be a mapping, got {type(self.model_cfg).__name__}")
+        for name in ("supernet_epochs", "retrain_epochs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        self.evolution_config()  # validates the search settings
+        self.train_config(self.epochs)  # validates the training settings
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "OptEmbedConfig":
+        """Build from a dict (keys may use ``-`` or ``_``); unknown keys raise ValueError naming them."""
+        names = {f.name for f in fields(cls)}
+        norm = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = set(norm) - names
+        if unknown:
+            raise ValueError(f"unknown OptEmbed config key(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**norm)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def train_config(self, epochs: int):
+        from ..train.config import TrainConfig
+
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                           lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
+                           patience=self.patience, seed=self.seed, device=self.device, progress=self.progress,
+                           max_steps_per_epoch=self.max_steps_per_epoch)
+
+    def evolution_config(self) -> EvolutionConfig:
+        return EvolutionConfig(generations=self.generations, mutation_num=self.mutation_num,
+                               crossover_num=self.crossover_num, keep_num=self.keep_num, m_prob=self.m_prob,
+                               seed=self.evo_seed, eval_batch_size=self.evo_batch_size,
+                               max_stack_rows=self.max_stack_rows)
+
+
+# =========================================================================== callbacks
+class OptEmbedSupernetCallback(Callback):
+    """Search schedule of the supernet phase.
+
+    * ``on_batch_begin``: draws the kept dimension of every sample and field uniformly from ``1..D`` (prefix
+      masks) when ``sample_dims``; the embedding applies them in training mode only, so evaluation uses the
+      full dimension.
+    * ``on_epoch_end``: keeps the row mask ``m_e`` of the best validation-AUC epoch.
+
+    Its state (RNG, best epoch and mask, history) is saved in the trainer checkpoint, so a resumed run continues
+    exactly.
+    """
+
+    def __init__(self, embedding: OptEmbedEmbedding, sample_dims: bool = True, seed: int = 0):
+        self.embedding = embedding
+        self.sample_dims = bool(sample_dims)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.best_auc = -math.inf
+        self.best_epoch = -1
+        self.best_row_mask: torch.Tensor | None = None
+        self.history: list[dict] = []
+
+    def on_batch_begin(self, trainer, ids, labels) -> None:
+        if not self.sample_dims:
+            return
+        dims = torch.randint(1, self.embedding.embed_dim + 1, (ids.shape[0], self.embedding.num_fields),
+                             generator=self.generator)
+        self.embedding.set_dims(dims)
+
+    def on_epoch_end(self, trainer, epoch: int, val_metrics: dict) -> None:
+        self.embedding.set_dims(None)
+        auc = float(val_metrics.get("auc", -math.inf))
+        mask = self.embedding.row_mask().cpu()
+        entry = {"epoch": int(epoch), "val_auc": auc, "kept_rows": int(mask.sum()),
+                 "kept_rows_per_field": self.embedding.kept_rows_per_field()}
+        if self.embedding.threshold is not None:
+            entry["threshold"] = [float(t) for t in self.embedding.threshold.detach().cpu().tolist()]
+        self.history.append(entry)
+        if auc > self.best_auc:
+            self.best_auc, self.best_epoch, self.best_row_mask = auc, int(epoch), mask
+
+    def on_train_end(self, trainer) -> None:
+        self.embedding.set_dims(None)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "best_auc": self.best_auc, "best_epoch": self.best_epoch,
+                "best_row_mask": self.best_row_mask, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.best_auc = float(state["best_auc"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_row_mask = state["best_row_mask"]
+        self.history = list(state.get("history", []))
+
+
+class WallTimeCallback(Callback):
+    """Accumulates the wall time of a training phase across interruptions (saved in the trainer checkpoint)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._last = None
+
+    def on_train_begin(self, trainer) -> None:
+        self._last = time.perf_counter()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds += now - self._last
+        self._last = now
+
+    def on_epoch_end(self, trainer, epoch: int, val_metrics: dict) -> None:
+        self._tick()
+
+    def total(self) -> float:
+        self._tick()
+        return self.seconds
+
+    def state_dict(self) -> dict:
+        self._tick()
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = float(state.get("seconds", 0.0))
+
+
+# =========================================================================== helpers
+def feature_map_to_dict(fmap) -> dict:
+    if hasattr(fmap, "to_dict"):
+        return fmap.to_dict()
+    return {"dataset": fmap.dataset, "field_names": list(fmap.field_names),
+            "cardinalities": [int(c) for c in fmap.cardinalities]}
+
+
+def feature_map_from_dict(d: dict):
+    from ..data import FeatureMap
+
+    return FeatureMap.from_dict(d)
+
+
+def build_optembed_model(model_name: str, feature_map, config: OptEmbedConfig, *, prune_rows: bool = True):
+    """A backbone around an :class:`OptEmbedEmbedding` with the run's settings."""
+    from ..models import build_model
+
+    emb = OptEmbedEmbedding(feature_map, config.embed_dim, norm=config.norm, alpha=config.alpha,
+                            threshold_lr=config.threshold_lr, threshold_init=config.threshold_init,
+                            prune_rows=prune_rows, oov=config.oov)
+    return build_model(model_name, feature_map, emb, **config.model_cfg)
+
+
+def build_uniform_model(model_name: str, feature_map, config: OptEmbedConfig):
+    from ..models import build_model
+    from ..nn.uniform import UniformEmbedding
+
+    return build_model(model_name, feature_map, UniformEmbedding(feature_map, config.embed_dim),
+                       **config.model_cfg)
+
+
+@torch.no_grad()
+def evaluate_model(model, split, batch_size: int = 8192, device="cpu") -> dict:
+    """AUC and log loss of ``model`` (eval mode) on ``split``."""
+    from ..train.metrics import log_loss, roc_auc
+
+    model.eval()
+    X = torch.as_tensor(split.X)
+    probs = []
+    for start in range(0, len(split.y), batch_size):
+        probs.append(torch.sigmoid(model(X[start:start + batch_size].to(device)).float()).cpu())
+    p = torch.cat(probs).numpy().astype(np.float64)
+    y = np.asarray(split.y, dtype=np.float64)
+    return {"auc": float(roc_auc(y, p)), "logloss": float(log_loss(y, p))}
+
+
+def embedding_stats(embedding) -> dict:
+    """Parameters, bytes, sparsity of an embedding module (plus per-field dims / kept rows when it has them)."""
+    out = {"params": int(embedding.num_params()), "bytes": int(embedding.memory_bytes()),
+           "sparsity": float(embedding.sparsity())}
+    if isinstance(embedding, OptEmbedEmbedding):
+        out["field_dims"] = embedding.field_dims()
+        out["kept_rows_per_field"] = embedding.kept_rows_per_field()
+    return out
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    return str(o)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    tmp.replace(path)
+
+
+def _read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fit_summary(result: dict) -> dict:
+    keep = ("best_epoch", "best_val_auc", "test_auc", "test_logloss", "epochs_run", "epoch_times")
+    return {k: result[k] for k in keep if k in result}
+
+
+# =========================================================================== the pipeline
+class OptEmbedRun:
+    """Stateful runner behind :func:`run_optembed`; every phase is a method that skips itself when done."""
+
+    def __init__(self, dataset, model_name: str, config: OptEmbedConfig, out_dir, log=None):
+        from ..models import MODELS
+
+        if model_name not in MODELS:
+            raise ValueError(f"model_name must be one of {sorted(MODELS)}, got {model_name!r}")
+        if not isinstance(config, OptEmbedConfig):
+            raise TypeError(f"config must be an OptEmbedConfig, got {type(config).__name__}")
+        self.data = dataset
+        self.fmap = dataset.feature_map
+        self.model_name = model_name
+        self.config = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "phases").mkdir(exist_ok=True)
+        self._log_file = open(self.out / "log.txt", "a")
+        self._user_log = log
+        self.device = torch.device(config.device)
+
+    # ------------------------------------------------------------------ utilities
+    def log(self, msg: str) -> None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")
+        line = f"[{stamp}] {msg}"
+        self._log_file.write(line + "\n")
+        self._log_file.flush()
+        if self._user_log is not None:
+            self._user_log(line)
+
+    def close(self) -> None:
+        self._log_file.close()
+
+    def phase_dir(self, name: str) -> Path:
+        d = self.out / "phases" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def done(self, name: str) -> dict | None:
+        path = self.out / "phases" / name / "done.json"
+        return _read_json(path) if path.exists() else None
+
+    def finish(self, name: str, info: dict) -> dict:
+        info = dict(info, phase=name)
+        _write_json(self.phase_dir(name) / "done.json", info)
+        self.log(f"[{name}] done in {info.get('seconds', float('nan')):.1f}s")
+        return info
+
+    def epochs(self, kind: str) -> int:
+        c = self.config
+        override = {"supernet": c.supernet_epochs, "retrain": c.retrain_epochs}.get(kind)
+        return override if override is not None else c.epochs
+
+    def init_state(self) -> dict:
+        """Initial weights of the OptEmbed model, saved once before the first phase (lottery-ticket retraining)."""
+        path = self.out / "init_state.pt"
+        if not path.exists():
+            torch.manual_seed(self.config.seed)
+            model = build_optembed_model(self.model_name, self.fmap, self.config)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(model.state_dict(), tmp)
+            tmp.replace(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _load_init(self, model, fresh_seed: int | None = None) -> None:
+        if fresh_seed is not None:
+            return  # the model was built under torch.manual_seed(fresh_seed): fresh random weights
+        missing, unexpected = model.load_state_dict(self.init_state(), strict=False)
+        bad = [k for k in missing if not k.startswith("embedding.")] + \
+              [k for k in unexpected if not k.startswith("embedding.")]
+        if bad:
+            raise RuntimeError(f"initial weights do not match the model: {bad}")
+
+    def _fit(self, name: str, model, epochs: int, callbacks=()) -> tuple[dict, float]:
+        from ..train.trainer import Trainer
+
+        timer = WallTimeCallback()
+        trainer = Trainer(model.to(self.device), self.data, self.config.train_config(epochs),
+                          run_dir=self.phase_dir(name), callbacks=[timer, *callbacks])
+        result = trainer.fit(resume=True)
+        return result, timer.total()
+
+    # ------------------------------------------------------------------ phases
+    def phase_uniform(self) -> dict:
+        name = "uniform"
+        info = self.done(name)
+        if info is not None:
+            return info
+        self.log(f"[{name}] training the uniform-embedding model")
+        torch.manual_seed(self.config.seed)
+        model = build_uniform_model(self.model_name, self.fmap, self.config)
+        self._load_init(model)
+        result, seconds = self._fit(name, model, self.epochs("train"))
+        stats = embedding_stats(model.embedding)
+        return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
+                                  "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
+                                  "seconds": seconds, **stats})
+
+    def phase_supernet(self, name: str = "supernet", prune_rows: bool = True, sample_dims: bool = True) -> dict:
+        info = self.done(name)
+        if info is not None:
+            return info
+        self.log(f"[{name}] training the supernet (prune_rows={prune_rows}, sample_dims={sample_dims})")
+        torch.manual_seed(self.config.seed)
+        model = build_optembed_model(self.model_name, self.fmap, self.config, prune_rows=prune_rows)
+        self._load_init(model)
+        cb = OptEmbedSupernetCallback(model.embedding, sample_dims=sample_dims, seed=self.config.seed)
+        result, seconds = self._fit(name, model, self.epochs("supernet"), callbacks=[cb])
+        emb = model.embedding
+        row_mask = cb.best_row_mask if cb.best_row_mask is not None else emb.row_mask().cpu()
+        current = emb.row_mask().cpu()
+        if not torch.equal(current, row_mask):
+            self.log(f"[{name}] note: the restored best state's row mask differs from the best epoch's in "
+                     f"{int((current != row_mask).sum())} rows; using the best epoch's")
+        torch.save({"state_dict": model.state_dict(), "row_mask": row_mask, "history": cb.history},
+                   self.phase_dir(name) / "supernet.pt")
+        counts = torch.zeros(self.fmap.num_fields, dtype=torch.long)
+        counts.index_add_(0, emb.field_of_row.cpu(), row_mask.long())
+        thresholds = emb.threshold.detach().cpu().tolist() if emb.threshold is not None else None
+        return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
+                                  "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
+                                  "best_epoch": cb.best_epoch, "kept_rows": int(row_mask.sum()),
+                                  "kept_rows_per_field": [int(c) for c in counts.tolist()],
+                                  "thresholds": thresholds, "history": cb.history, "seconds": seconds})
+
+    def _load_supernet(self, name: str, prune_rows: bool):
+        ckpt = torch.load(self.phase_dir(name) / "supernet.pt", map_location="cpu", weights_only=False)
+        model = build_optembed_model(self.model_name, self.fmap, self.config, prune_rows=prune_rows)
+        model.load_state_dict(ckpt["state_dict"])
+        return model.to(self.device), ckpt["row_mask"]
+
+    def phase_evolution(self, name: str = "evolution", supernet: str = "supernet", prune_rows: bool = True,
+                        use_row_mask: bool = True) -> dict:
+        info = self.done(name)
+        if info is not None:
+            return info
+        self.log(f"[{name}] evolutionary search on {supernet} (row mask {'fixed' if use_row_mask else 'off'})")
+        model, row_mask = self._load_supernet(supernet, prune_rows)
+        emb = model.embedding
+        emb.freeze(row_mask if use_row_mask else None)
+        cfg = self.config.evolution_config()
+        search = EvolutionSearch(model, self.data.val, cfg, run_dir=self.phase_dir(name), device=self.device,
+                                 log=self.log)
+        result = search.run(resume=True)
+        t_after_search = time.perf_counter()
+        out = {"best_dims": result["best_dims"], "best_val_auc": result["best_val_auc"],
+               "best_generation": result["best_generation"], "generations": result["generations"],
+               "candidates_evaluated": result["candidates_evaluated"], "search_seconds": result["seconds"],
+               "history": result["history"]}
+        if self.config.measure_speedup:
+            sp = measure_speedup(model, self.data.val, cfg.population_size, batch_size=cfg.eval_batch_size,
+                                 max_stack_rows=cfg.max_stack_rows, seed=cfg.seed, device=self.device)
+            out["speedup"] = sp
+            self.log(f"[{name}] one generation ({sp['candidates']} candidates): batched {sp['batched_seconds']:.2f}s"
+                     f" vs one at a time {sp['one_at_a_time_seconds']:.2f}s -> {sp['speedup']:.2f}x")
+        # "Without retraining": the supernet's weights with (m_e, m_d*) applied, evaluated on test.
+        emb.freeze(row_mask if use_row_mask else None, result["best_dims"])
+        test = evaluate_model(model, self.data.test, self.config.eval_batch_size, self.device)
+        val = evaluate_model(model, self.data.val, self.config.eval_batch_size, self.device)
+        out["no_retrain"] = {"test_auc": test["auc"], "test_logloss": test["logloss"], "val_auc": val["auc"],
+                             **embedding_stats(emb)}
+        # Phase time = search time (accumulated over resumptions) + the speedup measurement and final evaluation.
+        out["seconds"] = result["seconds"] + (time.perf_counter() - t_after_search)
+        return self.finish(name, out)
+
+    def phase_retrain(self, name: str, row_mask, field_dims) -> dict:
+        info = self.done(name)
+        if info is not None:
+            return info
+        c = self.config
+        self.log(f"[{name}] retraining with fixed masks (init: {c.retrain_init})")
+        fresh_seed = c.seed + 1 if c.retrain_init == "fresh" else None
+        torch.manual_seed(fresh_seed if fresh_seed is not None else c.seed)
+        model = build_optembed_model(self.model_name, self.fmap, c)
+        self._load_init(model, fresh_seed)
+        model.embedding.freeze(row_mask, field_dims)
+        result, seconds = self._fit(name, model, self.epochs("retrain"))
+        torch.save(model.state_dict(), self.phase_dir(name) / "model.pt")
+        return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
+                                  "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
+                                  "seconds": seconds, **embedding_stats(model.embedding)})
+
+    def _row_mask_of(self, supernet: str) -> torch.Tensor:
+        return torch.load(self.phase_dir(supernet) / "supernet.pt", map_location="cpu",
+                          weights_only=False)["row_mask"]
+
+    # ------------------------------------------------------------------ orchestration
+    def run(self) -> dict:
+        c = self.config
+        t_start = time.perf_counter()
+        self.init_state()
+        phases: dict[str, dict] = {}
+        variants: dict[str, dict] = {}
+        N, D = self.fmap.num_features, c.embed_dim
+
+        if c.baseline:
+            phases["uniform"] = u = self.phase_uniform()
+            variants["uniform"] = self._variant(u, ["uniform"], phases)
+
+        phases["supernet"] = self.phase_supernet("supernet", prune_rows=True, sample_dims=True)
+        phases["evolution"] = evo = self.phase_evolution("evolution", "supernet", prune_rows=True)
+        m_e = self._row_mask_of("supernet")
+        m_d = evo["best_dims"]
+        variants["no_retrain"] = self._variant(evo["no_retrain"], ["supernet", "evolution"], phases)
+        if c.retrain:
+            phases["retrain"] = r = self.phase_retrain("retrain", m_e, m_d)
+            variants["optembed"] = self._variant(r, ["supernet", "evolution", "retrain"], phases)
+
+        if c.ablations:
+            if c.ablation_supernets == "separate":
+                phases["supernet_e"] = self.phase_supernet("supernet_e", prune_rows=True, sample_dims=False)
+                sup_e, sup_d = "supernet_e", "supernet_d"
+                phases["supernet_d"] = self.phase_supernet("supernet_d", prune_rows=False, sample_dims=True)
+                phases["evolution_d"] = evo_d = self.phase_evolution("evolution_d", "supernet_d", prune_rows=False,
+                                                                     use_row_mask=False)
+            else:
+                sup_e = sup_d = "supernet"
+                phases["evolution_d"] = evo_d = self.phase_evolution("evolution_d", "supernet", prune_rows=True,
+                                                                     use_row_mask=False)
+            phases["retrain_e"] = re_ = self.phase_retrain("retrain_e", self._row_mask_of(sup_e), None)
+            variants["optembed_e"] = self._variant(re_, [sup_e, "retrain_e"], phases)
+            phases["retrain_d"] = rd = self.phase_retrain("retrain_d", None, evo_d["best_dims"])
+            variants["optembed_d"] = self._variant(rd, [sup_d, "evolution_d", "retrain_d"], phases)
+
+        sup = phases["supernet"]
+        result = {
+            "dataset": self.fmap.dataset, "model": self.model_name, "num_features": N, "embed_dim": D,
+            "field_names": list(self.fmap.field_names), "cardinalities": [int(x) for x in self.fmap.cardinalities],
+            "field_dims": [int(d) for d in m_d], "kept_rows_per_field": sup["kept_rows_per_field"],
+            "thresholds": sup.get("thresholds"), "variants": variants,
+            "phase_seconds": {k: float(v.get("seconds", 0.0)) for k, v in phases.items()},
+            "evolution": {k: evo[k] for k in ("best_val_auc", "best_generation", "generations",
+                                              "candidates_evaluated", "search_seconds") if k in evo},
+            "speedup": evo.get("speedup"), "config": c.to_dict(),
+            "wall_seconds_this_run": time.perf_counter() - t_start,
+        }
+        _write_json(self.out / "field_dims.json", {n: int(d) for n, d in zip(self.fmap.field_names, m_d)})
+        _write_json(self.out / "kept_rows.json", {n: {"kept": int(k), "total": int(t)} for n, k, t in
+                                                  zip(self.fmap.field_names, sup["kept_rows_per_field"],
+                                                      self.fmap.cardinalities)})
+        torch.save({"row_mask": m_e, "field_dims": [int(d) for d in m_d]}, self.out / "masks.pt")
+        if c.retrain:
+            self._save_result(m_e, m_d, variants.get("optembed", {}))
+        from .report import write_report
+
+        result["report"] = str(write_report(self.out, result))
+        _write_json(self.out / "metrics.json", result)
+        return result
+
+    def _variant(self, info: dict, phase_names: list[str], phases: dict) -> dict:
+        keys = ("test_auc", "test_logloss", "val_auc", "params", "bytes", "sparsity")
+        out = {k: info.get(k) for k in keys}
+        out["phases"] = list(phase_names)
+        out["seconds"] = float(sum(phases[p].get("seconds", 0.0) for p in phase_names if p in phases))
+        return out
+
+    def _save_result(self, row_mask, field_dims, metrics: dict) -> None:
+        c = self.config
+        state = torch.load(self.phase_dir("retrain") / "model.pt", map_location="cpu", weights_only=True)
+        counts = torch.zeros(self.fmap.num_fields, dtype=torch.long)
+        counts.index_add_(0, self.fmap.field_of_row().long().cpu(), row_mask.long())
+        torch.save({
+            "format": "optembed-result/1",
+            "row_mask": row_mask.bool().cpu(),
+            "field_dims": [int(d) for d in field_dims],
+            "kept_rows_per_field": [int(x) for x in counts.tolist()],
+            "feature_map": feature_map_to_dict(self.fmap),
+            "model_name": self.model_name,
+            "model_cfg": dict(c.model_cfg),
+            "embed_dim": c.embed_dim,
+            "norm": c.norm,
+            "oov": c.oov,
+            "state_dict": state,
+            "metrics": metrics,
+        }, self.out / RESULT_FILE)
+
+
+def run_optembed(dataset, model_name: str, config: OptEmbedConfig | dict | None = None, out_dir="runs/optembed",
+                 log=print) -> dict:
+    """Run the OptEmbed pipeline on ``dataset`` (a :class:`~optembed_ext.data.CTRDataset`) with backbone
+    ``model_name``; resumable in ``out_dir``. Returns the metrics of every variant, the chosen dims per field,
+    the kept rows per field, per-phase wall times and the search speedup (also written to ``metrics.json``,
+    ``report.md`` and ``report.png`` in ``out_dir``)."""
+    if config is None:
+        config = OptEmbedConfig()
+    elif isinstance(config, dict):
+        config = OptEmbedConfig.from_dict(config)
+    runner = OptEmbedRun(dataset, model_name, config, out_dir, log=log)
+    try:
+        return runner.run()
+    finally:
+        runner.close()
+
+
+def load_search_result(run_dir) -> dict:
+    """The searched table of a finished run, for export: ``run_dir/optembed_result.pt`` as a dict with
+
+    ``row_mask`` bool (N,), ``field_dims`` list[int] (F), ``kept_rows_per_field`` list[int], ``feature_map``
+    (:class:`~optembed_ext.data.FeatureMap`), ``model_name``, ``model_cfg`` (kwargs of ``build_model``),
+    ``embed_dim``, ``norm``, ``oov``, ``state_dict`` (the retrained model: ``embedding.weight`` (N, D) with pruned
+    rows / dims to be dropped, ``embedding.fixed_row_mask``, ``embedding.fixed_field_dims``, the backbone) and
+    ``metrics``.
+    """
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"run_dir has no {RESULT_FILE} (is the OptEmbed run finished, with retraining?): "
+                                f"{path}")
+    res = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        res["feature_map"] = feature_map_from_dict(res["feature_map"])
+    except ImportError:  # pragma: no cover - data package missing
+        pass
+    return res
+
+
+def build_retrained_model(result: dict):
+    """Rebuild the retrained OptEmbed model (masks frozen) from :func:`load_search_result`'s dict."""
+    cfg = OptEmbedConfig(embed_dim=int(result["embed_dim"]), norm=int(result["norm"]), oov=bool(result["oov"]),
+                         model_cfg=dict(result["model_cfg"]))
+    model = build_optembed_model(result["model_name"], result["feature_map"], cfg)
+    model.embedding.freeze(result["row_mask"], result["field_dims"])
+    model.load_state_dict(result["state_dict"])
+    return model

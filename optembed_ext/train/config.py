@@ -1,0 +1,159 @@
+"""Training configuration (a dataclass, loadable from YAML) and run-folder helpers."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Everything the :class:`~optembed_ext.train.Trainer` needs besides the model and the data.
+
+    ``optimizer`` names an entry of :data:`optembed_ext.train.trainer.OPTIMIZERS` (``adam``, ``sparse_adam``,
+    ``adagrad``, ``sgd``); parameters with sparse gradients get the sparse variant (SparseAdam for adam).
+    ``patience``: epochs without a better validation AUC before stopping (``None`` = never stop early).
+    ``checkpoint_every``: also checkpoint every that many steps inside an epoch (``None`` = once per epoch).
+    ``max_steps_per_epoch``: cut each epoch after that many steps (``None`` = whole training split).
+    """
+
+    epochs: int = 10
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    patience: int | None = 2
+    seed: int = 2022
+    deterministic: bool = False
+    device: str = "cpu"
+    progress: bool = True
+    max_steps_per_epoch: int | None = None
+    grad_clip: float | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self):
+        def positive_int(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            positive_int(name)
+        for name in ("max_steps_per_epoch", "checkpoint_every"):
+            positive_int(name, allow_none=True)
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 0):
+            raise ValueError(f"patience must be a non-negative int or None, got {self.patience!r}")
+        for name in ("lr", "weight_decay", "momentum"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if not isinstance(self.optimizer, str):
+            raise ValueError(f"optimizer must be a string, got {self.optimizer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict (keys may use ``-`` or ``_``); unknown keys raise ValueError naming them."""
+        names = {f.name for f in fields(cls)}
+        norm = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = set(norm) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**norm)
+
+    @classmethod
+    def from_yaml(cls, path) -> "TrainConfig":
+        return cls.from_dict(load_yaml_config(path))
+
+
+def load_yaml_config(path) -> dict:
+    """Read a YAML mapping (``{}`` for an empty file); raise ValueError if it is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        values = yaml.safe_load(fh)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a YAML mapping, got {type(values).__name__}")
+    return values
+
+
+def _plain(value):
+    """Make a value YAML/JSON friendly (tuples -> lists, paths -> str)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def make_run_dir(out=None, name: str = "run", root="runs") -> Path:
+    """Create and return the run folder: ``out`` if given, else ``root/<name>-<UTC time>``."""
+    if out is None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        out = Path(root) / f"{name}-{stamp}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def append_log(run_dir, msg: str) -> None:
+    """Append a time-stamped line to ``run_dir/log.txt`` (no-op when ``run_dir`` is None)."""
+    if run_dir is None:
+        return
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    with open(Path(run_dir) / "log.txt", "a", encoding="utf-8") as fh:
+        fh.write(f"{stamp} {msg}\n")
+
+
+def save_yaml(path, values: dict) -> None:
+    """Write a mapping as YAML (long option names as keys), atomically."""
+    _atomic_write_text(Path(path), yaml.safe_dump(_plain(values), sort_keys=False))
+
+
+def save_json(path, values: dict) -> None:
+    """Write a mapping as indented JSON, atomically (NaN written as null)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    _atomic_write_text(Path(path), json.dumps(clean(_plain(values)), indent=2) + "\n")

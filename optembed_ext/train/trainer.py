@@ -1,0 +1,529 @@
+"""One trainer for every model and embedding method.
+
+loss = BCEWithLogits(mean) + ``model.embedding.regularization()``; optimizer parameter groups =
+``model.embedding.param_groups(lr, weight_decay)`` + the rest of the model (+ ``extra_param_groups``); early
+stopping on the validation AUC; the best-validation state is restored before the test evaluation.
+
+Resuming: with a ``run_dir`` the trainer writes ``run_dir/checkpoint.pt`` after every epoch (and every
+``checkpoint_every`` steps) holding the model, optimizer, callback states, RNG states, counters, the best state and
+the early-stopping state. ``fit(resume=True)`` continues from it and, because the shuffling order is a function of
+``(seed, epoch)`` and every generator state is restored, gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import batches
+from .callbacks import Callback
+from .checkpoint import CHECKPOINT_NAME, CHECKPOINT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, \
+    seed_everything, set_rng_state
+from .config import TrainConfig, append_log, save_json
+from .metrics import Timer, embedding_stats, log_loss, roc_auc
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+class MultiOptimizer:
+    """Several torch optimizers stepped together (e.g. SparseAdam for sparse tables + Adam for the rest)."""
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"optimizer state holds {len(states)} optimizers, this trainer has {len(self.optimizers)}")
+        for opt, s in zip(self.optimizers, states):
+            opt.load_state_dict(s)
+
+    def __repr__(self):
+        return f"MultiOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def _strip_decay(groups: list[dict], what: str) -> list[dict]:
+    out = []
+    for g in groups:
+        g = dict(g)
+        if g.pop("weight_decay", 0.0):
+            logger.warning("weight decay is not applied to parameters with sparse gradients (%s)", what)
+        out.append(g)
+    return out
+
+
+def _make_adam(dense: list[dict], sparse: list[dict], config: TrainConfig) -> list[torch.optim.Optimizer]:
+    opts = []
+    if dense:
+        opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
+    if sparse:
+        opts.append(torch.optim.SparseAdam(_strip_decay(sparse, "SparseAdam"), lr=config.lr))
+    return opts
+
+
+def _make_adagrad(dense, sparse, config):
+    opts = []
+    if dense:
+        opts.append(torch.optim.Adagrad(dense, lr=config.lr, weight_decay=config.weight_decay))
+    if sparse:
+        opts.append(torch.optim.Adagrad([dict(g, weight_decay=0.0) for g in _strip_decay(sparse, "Adagrad")],
+                                        lr=config.lr))
+    return opts
+
+
+def _make_sgd(dense, sparse, config):
+    opts = []
+    if dense:
+        opts.append(torch.optim.SGD(dense, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay))
+    if sparse:
+        opts.append(torch.optim.SGD([dict(g, weight_decay=0.0, momentum=0.0) for g in _strip_decay(sparse, "SGD")],
+                                    lr=config.lr))
+    return opts
+
+
+#: optimizer name -> factory(dense_groups, sparse_groups, config) -> list of torch optimizers. The sparse groups
+#: hold the parameters listed by ``embedding.sparse_parameters()`` (sparse COO gradients).
+OPTIMIZERS: dict[str, Callable[[list, list, TrainConfig], list]] = {
+    "adam": _make_adam,
+    "sparse_adam": _make_adam,
+    "adagrad": _make_adagrad,
+    "sgd": _make_sgd,
+}
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Train ``model`` on ``data`` (a :class:`~optembed_ext.data.CTRDataset`).
+
+    Args:
+        model: a :class:`~optembed_ext.models.CTRModel` (``model.embedding`` is an ``EmbeddingModule``).
+        data: the dataset (``train``/``val``/``test`` splits).
+        config: a :class:`TrainConfig`.
+        run_dir: folder for ``checkpoint.pt``, ``log.txt`` and ``metrics.json`` (None: nothing is written and
+            ``fit`` cannot resume).
+        callbacks: :class:`Callback` objects (a method's search schedule).
+        extra_param_groups: more optimizer parameter groups (dicts with ``params``; ``lr``/``weight_decay``
+            default to the config's); their parameters are left out of "the rest of the model".
+
+    Attributes useful to callbacks: ``model``, ``data``, ``config``, ``device``, ``optimizer``, ``global_step``,
+    ``epoch`` (index of the running epoch, = number of finished epochs), ``step_in_epoch``, ``history``,
+    ``stop_training``, ``current_batch``, ``log(msg)``, ``next_val_batch()``, ``evaluate(split)``.
+    """
+
+    def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, run_dir=None,
+                 callbacks: Iterable[Callback] = (), extra_param_groups: list[dict] | None = None):
+        if config is None:
+            config = TrainConfig()
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not hasattr(model, "embedding"):
+            raise TypeError("model must have an 'embedding' attribute (an optembed_ext.nn.EmbeddingModule)")
+        for split in ("train", "val", "test"):
+            if not hasattr(data, split):
+                raise TypeError(f"data must have a {split!r} split (a CTRDataset)")
+        if len(data.train) == 0:
+            raise ValueError("data.train is empty")
+        if config.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {config.optimizer!r}")
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+        self.config = config
+        self.model = model.to(self.device)
+        self.data = data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
+        self.optimizer = self._build_optimizer(extra_param_groups)
+        self._reset_state()
+
+    # ---------------------------------------------------------------------------------------- setup
+    def _build_optimizer(self, extra_param_groups) -> MultiOptimizer:
+        cfg = self.config
+        emb = self.model.embedding
+
+        def normalise(groups, what):
+            out = []
+            for g in groups:
+                if not isinstance(g, dict) or "params" not in g:
+                    raise TypeError(f"{what} must be dicts with a 'params' entry, got {g!r}")
+                g = dict(g)
+                params = g["params"]
+                g["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+                g.setdefault("lr", cfg.lr)
+                g.setdefault("weight_decay", cfg.weight_decay)
+                out.append(g)
+            return out
+
+        emb_groups = normalise(emb.param_groups(cfg.lr, cfg.weight_decay), "embedding.param_groups()")
+        extra = normalise(extra_param_groups or [], "extra_param_groups")
+        seen: set[int] = set()
+        for g in emb_groups + extra:
+            for p in g["params"]:
+                if id(p) in seen:
+                    raise ValueError("a parameter appears in more than one optimizer parameter group")
+                seen.add(id(p))
+        emb_ids = {id(p) for p in emb.parameters()}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in emb_ids and id(p) not in seen]
+        groups = emb_groups + ([{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}] if rest else [])
+        groups += extra
+        sparse_ids = {id(p) for p in emb.sparse_parameters()}
+        dense_groups, sparse_groups = [], []
+        for g in groups:
+            d = [p for p in g["params"] if id(p) not in sparse_ids]
+            s = [p for p in g["params"] if id(p) in sparse_ids]
+            if d:
+                dense_groups.append(dict(g, params=d))
+            if s:
+                sparse_groups.append(dict(g, params=s))
+        if not dense_groups and not sparse_groups:
+            raise ValueError("the model has no trainable parameters")
+        return MultiOptimizer(OPTIMIZERS[cfg.optimizer](dense_groups, sparse_groups, cfg))
+
+    def _reset_state(self) -> None:
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.epoch_times: list[float] = []
+        self.best_val_auc = -math.inf
+        self.best_val_logloss = math.nan
+        self.best_epoch = -1
+        self.best_state: dict | None = None
+        self.bad_epochs = 0
+        self.stop_training = False
+        self.finished = False
+        self.result: dict | None = None
+        self.current_batch = None
+        self._epoch_loss_sum = 0.0
+        self._epoch_seconds = 0.0
+        self._val_cycle = 0
+        self._val_pos = 0
+        self._val_iter = None
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
+
+    def log(self, msg: str) -> None:
+        """Log a line to ``run_dir/log.txt`` and the ``optembed_ext.train.trainer`` logger."""
+        logger.info(msg)
+        append_log(self.run_dir, msg)
+
+    # ----------------------------------------------------------------------------------------- data
+    def _split(self, split):
+        if isinstance(split, str):
+            if split not in ("train", "val", "test"):
+                raise ValueError(f"split must be 'train', 'val', 'test' or a CTRSplit, got {split!r}")
+            return getattr(self.data, split)
+        return split
+
+    def _train_iter(self, epoch: int, skip: int):
+        cfg = self.config
+        n = len(self.data.train)
+        # a last batch of one sample breaks batch norm in training mode: drop it
+        drop_last = n % cfg.batch_size == 1 and n > 1
+        num = n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
+        if cfg.max_steps_per_epoch is not None:
+            num = min(num, cfg.max_steps_per_epoch)
+        it = batches(self.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
+        return itertools.islice(it, skip, num), num
+
+    def next_val_batch(self):
+        """The next validation batch ``(ids, labels)`` on the trainer's device, cycling (reshuffled each cycle)
+        over the validation split; for DARTS-style architecture steps. Its position is checkpointed."""
+        cfg = self.config
+        if self._val_iter is None:
+            it = batches(self.data.val, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, epoch=self._val_cycle)
+            self._val_iter = itertools.islice(it, self._val_pos, None)
+        try:
+            ids, labels = next(self._val_iter)
+        except StopIteration:
+            if self._val_pos == 0:
+                raise ValueError("data.val is empty; next_val_batch() needs validation data") from None
+            self._val_cycle += 1
+            self._val_pos = 0
+            self._val_iter = iter(batches(self.data.val, cfg.batch_size, shuffle=True, seed=cfg.seed + 1,
+                                          epoch=self._val_cycle))
+            ids, labels = next(self._val_iter)
+        self._val_pos += 1
+        return ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, split="val") -> dict:
+        """AUC and log loss of the model over a whole split, plus timing.
+
+        Returns ``{"auc", "logloss", "seconds", "seconds_per_batch", "num_batches", "num_samples"}``; ``auc`` is
+        NaN when the split holds a single class.
+        """
+        split = self._split(split)
+        was_training = self.model.training
+        self.model.eval()
+        probs = []
+        num_batches = 0
+        sync = self.device.type == "cuda"
+        with Timer() as timer:
+            for ids, _ in batches(split, self.config.eval_batch_size):
+                logits = self.model(ids.to(self.device, non_blocking=True))
+                probs.append(torch.sigmoid(logits.float()).to("cpu", torch.float64))
+                num_batches += 1
+            if sync:
+                torch.cuda.synchronize(self.device)
+        self.model.train(was_training)
+        y = np.asarray(split.y, dtype=np.float64)
+        if num_batches == 0:
+            return {"auc": math.nan, "logloss": math.nan, "seconds": timer.seconds, "seconds_per_batch": math.nan,
+                    "num_batches": 0, "num_samples": 0}
+        p = torch.cat(probs).numpy()
+        auc = roc_auc(y, p) if y.min() != y.max() else math.nan
+        return {"auc": auc, "logloss": log_loss(y, p), "seconds": timer.seconds,
+                "seconds_per_batch": timer.seconds / num_batches, "num_batches": num_batches,
+                "num_samples": int(len(y))}
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "rng": get_rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_loss_sum": self._epoch_loss_sum,
+            "epoch_seconds": self._epoch_seconds,
+            "history": copy.deepcopy(self.history),
+            "epoch_times": list(self.epoch_times),
+            "best": {"val_auc": self.best_val_auc, "val_logloss": self.best_val_logloss, "epoch": self.best_epoch,
+                     "state": self.best_state},
+            "bad_epochs": self.bad_epochs,
+            "stop_training": self.stop_training,
+            "finished": self.finished,
+            "result": self.result,
+            "val_cursor": (self._val_cycle, self._val_pos),
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if len(state["callbacks"]) != len(self.callbacks):
+            raise ValueError(f"checkpoint holds {len(state['callbacks'])} callback states, the trainer has "
+                             f"{len(self.callbacks)} callbacks")
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self._epoch_loss_sum = state["epoch_loss_sum"]
+        self._epoch_seconds = state["epoch_seconds"]
+        self.history = copy.deepcopy(state["history"])
+        self.epoch_times = list(state["epoch_times"])
+        best = state["best"]
+        self.best_val_auc, self.best_val_logloss = best["val_auc"], best["val_logloss"]
+        self.best_epoch, self.best_state = best["epoch"], best["state"]
+        self.bad_epochs = state["bad_epochs"]
+        self.stop_training = state["stop_training"]
+        self.finished = state["finished"]
+        self.result = state["result"]
+        self._val_cycle, self._val_pos = state["val_cursor"]
+        self._val_iter = None
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        """Write ``run_dir/checkpoint.pt`` atomically (no-op without a run_dir)."""
+        if self.checkpoint_path is not None:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    # ------------------------------------------------------------------------------------------ fit
+    @contextlib.contextmanager
+    def _determinism(self):
+        if not self.config.deterministic:
+            yield
+            return
+        previous = torch.are_deterministic_algorithms_enabled()
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    def fit(self, resume: bool = True) -> dict:
+        """Train (early stopping on validation AUC), restore the best state, evaluate the test split.
+
+        With ``resume`` and an existing ``run_dir/checkpoint.pt`` training continues where it stopped (a finished
+        run returns its stored result). Returns the result dict (also written to ``run_dir/metrics.json``).
+        """
+        cfg = self.config
+        path = self.checkpoint_path
+        resuming = bool(resume and path is not None and path.exists())
+        with self._determinism():
+            if not resuming:
+                self._reset_state()
+                seed_everything(cfg.seed)
+            for cb in self.callbacks:
+                cb.on_train_begin(self)
+            if resuming:
+                self.load_state_dict(load_checkpoint(path, map_location=self.device))
+                self.log(f"resumed from {path} at epoch {self.epoch} step {self.step_in_epoch}")
+                if self.finished:
+                    return self.result
+            else:
+                self.log(f"start training: {type(self.model).__name__} with {type(self.model.embedding).__name__}, "
+                         f"config {cfg.to_dict()}")
+            while self.epoch < cfg.epochs and not self.stop_training:
+                self._run_epoch()
+            return self._finish()
+
+    def _run_epoch(self) -> None:
+        cfg = self.config
+        epoch = self.epoch
+        it, num = self._train_iter(epoch, self.step_in_epoch)
+        if num == 0:
+            raise ValueError(f"no training batch: {len(self.data.train)} samples, batch_size {cfg.batch_size}")
+        model, optimizer, emb = self.model, self.optimizer, self.model.embedding
+        model.train()
+        progress = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=num, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False)
+        start = time.perf_counter()
+        seconds_before = self._epoch_seconds
+        for ids, labels in it:
+            ids = ids.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            self.current_batch = (ids, labels)
+            model.train()
+            for cb in self.callbacks:
+                cb.on_batch_begin(self, ids, labels)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(ids)
+            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) + emb.regularization()
+            loss.backward()
+            for cb in self.callbacks:
+                cb.on_after_backward(self)
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss became {loss_value} at epoch {epoch} step "
+                                         f"{self.step_in_epoch}")
+            self._epoch_loss_sum += loss_value
+            for cb in self.callbacks:
+                cb.on_batch_end(self, loss_value)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if cfg.checkpoint_every is not None and self.global_step % cfg.checkpoint_every == 0 \
+                    and self.step_in_epoch < num:
+                self._epoch_seconds = seconds_before + time.perf_counter() - start
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_seconds = seconds_before + time.perf_counter() - start
+        train_loss = self._epoch_loss_sum / max(self.step_in_epoch, 1)
+
+        val = self.evaluate("val")
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, epoch, val)
+        improved = val["auc"] > self.best_val_auc  # False for NaN
+        if improved:
+            self.best_val_auc, self.best_val_logloss, self.best_epoch = val["auc"], val["logloss"], epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            if cfg.patience is not None and self.bad_epochs >= cfg.patience:
+                self.stop_training = True
+        stats = embedding_stats(emb)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_auc": val["auc"], "val_logloss": val["logloss"],
+                  "train_seconds": train_seconds, "val_seconds": val["seconds"], "steps": self.step_in_epoch,
+                  **stats}
+        self.history.append(record)
+        self.epoch_times.append(train_seconds)
+        self.log(f"epoch {epoch}: train_loss {train_loss:.6f} val_auc {val['auc']:.6f} "
+                 f"val_logloss {val['logloss']:.6f} params {stats['num_params']} sparsity {stats['sparsity']:.4f} "
+                 f"time {train_seconds:.2f}s" + ("" if improved else f" (no improvement {self.bad_epochs})"))
+        if self.stop_training and self.epoch + 1 < cfg.epochs:
+            self.log(f"early stop after epoch {epoch} (best epoch {self.best_epoch})")
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._epoch_loss_sum = 0.0
+        self._epoch_seconds = 0.0
+        self.save_checkpoint()
+
+    def _finish(self) -> dict:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test = self.evaluate("test")
+        emb = self.model.embedding
+        stats = embedding_stats(emb)
+        times = self.epoch_times
+        self.result = {
+            "best_epoch": self.best_epoch,
+            "best_val_auc": self.best_val_auc if self.best_epoch >= 0 else math.nan,
+            "best_val_logloss": self.best_val_logloss,
+            "test_auc": test["auc"],
+            "test_logloss": test["logloss"],
+            "epochs_run": self.epoch,
+            "stopped_early": bool(self.stop_training and self.epoch < self.config.epochs),
+            "global_step": self.global_step,
+            "epoch_times": list(times),
+            "mean_epoch_seconds": float(np.mean(times)) if times else math.nan,
+            "inference_seconds_per_batch": test["seconds_per_batch"],
+            "eval_batch_size": self.config.eval_batch_size,
+            "test_eval_seconds": test["seconds"],
+            **stats,
+            "dense_params": int(emb.dense_size()) if hasattr(emb, "dense_size") else None,
+            "model_params": int(sum(p.numel() for p in self.model.parameters())),
+            "history": copy.deepcopy(self.history),
+        }
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        self.finished = True
+        self.log(f"finished: best epoch {self.best_epoch} val_auc {self.result['best_val_auc']:.6f} "
+                 f"test_auc {test['auc']:.6f} test_logloss {test['logloss']:.6f} params {stats['num_params']} "
+                 f"sparsity {stats['sparsity']:.4f}")
+        self.save_checkpoint()
+        if self.run_dir is not None:
+            save_json(self.run_dir / "metrics.json", self.result)
+        return self.result

@@ -1,0 +1,131 @@
+"""OptEmbedEmbedding: forward semantics against a plain-PyTorch formula, frozen masks, optimiser groups, sizes."""
+import math
+
+import pytest
+import torch
+
+from optembed_ext.data import FeatureMap
+from optembed_ext.nn.optembed import OptEmbedEmbedding
+
+
+def _fmap(cards=(5, 3, 7, 4)):
+    return FeatureMap("toy", [f"f{i}" for i in range(len(cards))], list(cards))
+
+
+def _ids(fmap, batch, gen):
+    cols = [torch.randint(0, c, (batch,), generator=gen) + o for c, o in zip(fmap.cardinalities, fmap.offsets)]
+    return torch.stack(cols, 1)
+
+
+def _formula(weight, ids, threshold, dims, p, fmap):
+    """out[b,f,j] = 1[||w_r||_p > t_f] * w[r,j] * 1[j < k]: written from the paper, independent of the op."""
+    D = weight.shape[1]
+    w = weight[ids]
+    out = w.clone()
+    if threshold is not None:
+        norm = w.abs().sum(-1) if p == 1 else w.pow(2).sum(-1).sqrt()
+        out = out * (norm > threshold).unsqueeze(-1).to(w.dtype)
+    if dims is not None:
+        k = dims if dims.dim() == 2 else dims.expand(ids.shape[0], -1)
+        out = out * (torch.arange(D) < k.unsqueeze(-1)).to(w.dtype)
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_forward_matches_formula_with_threshold_and_dims(p):
+    gen = torch.Generator().manual_seed(0)
+    fmap = _fmap()
+    emb = OptEmbedEmbedding(fmap, 6, norm=p)
+    with torch.no_grad():
+        emb.weight.normal_(generator=gen)
+        emb.threshold.copy_(torch.tensor([0.5, 4.0, 2.0, 100.0]))  # last field fully pruned
+    ids = _ids(fmap, 13, gen)
+    emb.train()
+    dims = torch.randint(1, 7, (13, 4), generator=gen)
+    emb.set_dims(dims)
+    torch.testing.assert_close(emb(ids), _formula(emb.weight.detach(), ids, emb.threshold.detach(), dims, p, fmap))
+    # Per-sample dims only apply in training; evaluation uses the full dimension.
+    emb.eval()
+    torch.testing.assert_close(emb(ids), _formula(emb.weight.detach(), ids, emb.threshold.detach(), None, p, fmap))
+    assert emb(ids)[:, 3].abs().sum() == 0
+
+
+def test_threshold_gets_gradient_and_regulariser():
+    fmap = _fmap()
+    emb = OptEmbedEmbedding(fmap, 4, alpha=0.5)
+    ids = _ids(fmap, 9, torch.Generator().manual_seed(1))
+    emb(ids).sum().backward()
+    assert emb.threshold.grad is not None and emb.threshold.grad.abs().sum() > 0
+    expected = 0.5 * math.exp(-0.0) * fmap.num_fields
+    assert emb.regularization().item() == pytest.approx(expected)
+
+
+def test_param_groups_give_threshold_its_own_lr_without_decay():
+    emb = OptEmbedEmbedding(_fmap(), 4, threshold_lr=0.02)
+    groups = emb.param_groups(lr=1e-3, weight_decay=1e-5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(emb.weight)]["lr"] == 1e-3 and by_param[id(emb.weight)]["weight_decay"] == 1e-5
+    assert by_param[id(emb.threshold)]["lr"] == 0.02 and by_param[id(emb.threshold)]["weight_decay"] == 0.0
+    emb.freeze()
+    assert all(id(emb.threshold) != id(p) for g in emb.param_groups(1e-3, 0.0) for p in g["params"])
+    assert emb.regularization().item() == 0.0
+
+
+def test_frozen_masks_zero_pruned_rows_and_block_their_gradient():
+    gen = torch.Generator().manual_seed(2)
+    fmap = _fmap()
+    emb = OptEmbedEmbedding(fmap, 5)
+    row_mask = torch.rand(fmap.num_features, generator=gen) > 0.4
+    field_dims = [5, 2, 1, 3]
+    emb.freeze(row_mask, field_dims)
+    ids = _ids(fmap, 17, gen)
+    out = emb(ids)
+    w = emb.weight.detach()[ids] * row_mask[ids].unsqueeze(-1)
+    w = w * (torch.arange(5) < torch.tensor(field_dims).unsqueeze(-1)).to(w.dtype)
+    torch.testing.assert_close(out, w)
+    out.pow(2).sum().backward()
+    assert emb.weight.grad[~row_mask].abs().sum() == 0
+    # num_params / bytes: kept rows x field dims, counted by hand
+    kept = [int(row_mask[o:o + c].sum()) for o, c in zip(fmap.offsets, fmap.cardinalities)]
+    assert emb.kept_rows_per_field() == kept
+    assert emb.num_params() == sum(k * d for k, d in zip(kept, field_dims))
+    assert emb.memory_bytes() == 4 * emb.num_params()
+    assert emb.sparsity() == pytest.approx(1 - emb.num_params() / (fmap.num_features * 5))
+
+
+def test_frozen_state_dict_round_trip():
+    fmap = _fmap()
+    a = OptEmbedEmbedding(fmap, 4)
+    a.freeze(torch.arange(fmap.num_features) % 2 == 0, [1, 2, 3, 4])
+    b = OptEmbedEmbedding(fmap, 4)
+    b.load_state_dict(a.state_dict())
+    assert b.frozen and b.field_dims() == [1, 2, 3, 4]
+    ids = _ids(fmap, 5, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a(ids), b(ids))
+
+
+def test_oov_mode_replaces_pruned_rows():
+    fmap = _fmap()
+    emb = OptEmbedEmbedding(fmap, 3, oov=True)
+    with torch.no_grad():
+        emb.threshold.fill_(1e6)  # everything pruned
+    ids = _ids(fmap, 4, torch.Generator().manual_seed(4))
+    expected = emb.oov_weight.detach().unsqueeze(0).expand(4, -1, -1)
+    torch.testing.assert_close(emb(ids), expected)
+    emb.freeze(torch.zeros(fmap.num_features, dtype=torch.bool))
+    torch.testing.assert_close(emb(ids), expected)
+
+
+def test_bad_arguments_raise_clear_errors():
+    fmap = _fmap()
+    with pytest.raises(ValueError, match="norm"):
+        OptEmbedEmbedding(fmap, 4, norm=3)
+    emb = OptEmbedEmbedding(fmap, 4)
+    with pytest.raises(ValueError, match="dims"):
+        emb.set_dims([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="dims"):
+        emb.set_dims([1, 2])
+    with pytest.raises(ValueError, match="row_mask"):
+        emb.freeze(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="field_dims"):
+        emb.freeze(None, [1, 2, 3, 9])
