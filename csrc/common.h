@@ -83,3 +83,46 @@ inline T step_ste_grad(T x) {
 }
 
 }  // namespace optembed
+
+#if !defined(__CUDACC__)
+// ---- CPU: zero-filled buffers that cost nothing until written ------------------------------------------------
+// A dense (N, D) table gradient is mostly zeros (only the looked-up rows are non-zero). Clearing it with memset
+// writes every byte and, on a fresh allocation, first takes one page fault per 4 KiB page; for a 1M x 64 float
+// table that costs far more than the whole lookup. Anonymous mmap memory is zero-filled by the kernel lazily, page
+// by page, on first touch: a gradient backed by it only pays for the pages the backward pass actually writes.
+#include <ATen/Functions.h>
+#include <cstdlib>
+#if defined(__linux__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define OPTEMBED_HAS_MMAP 1
+#endif
+
+namespace optembed {
+
+// Minimum size for which lazily zeroed pages beat a parallel memset (below it the allocation is at::zeros).
+constexpr int64_t kLazyZeroMinBytes = int64_t(1) << 22;  // 4 MiB
+
+// Returns a contiguous zero-filled CPU tensor of `sizes` with `options`; `*lazy` tells whether it is backed by
+// untouched zero pages (callers may then skip writing zeros) or was cleared explicitly.
+inline at::Tensor zeros_lazy_cpu(at::IntArrayRef sizes, const at::TensorOptions& options, bool* lazy) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+#if defined(OPTEMBED_HAS_MMAP)
+  if (nbytes >= kLazyZeroMinBytes) {
+    void* ptr = ::mmap(nullptr, static_cast<size_t>(nbytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                       0);
+    if (ptr != MAP_FAILED) {
+      *lazy = true;
+      const size_t len = static_cast<size_t>(nbytes);
+      return at::from_blob(
+          ptr, sizes, [len](void* p) { ::munmap(p, len); }, options.device(at::kCPU));
+    }
+  }
+#endif
+  *lazy = false;
+  return at::zeros(sizes, options);
+}
+
+}  // namespace optembed
+#endif  // !__CUDACC__

@@ -120,7 +120,7 @@ template <typename scalar_t, typename index_t, typename remap_t, bool kHasOov>
 void forward_kernel(const scalar_t* packed, const int64_t* offs, const int64_t* dims, const remap_t* remap,
                     const index_t* indices, const scalar_t* oov, const int64_t* rows, scalar_t* out, int64_t B,
                     int64_t F, int64_t D, int64_t N, bool check, std::atomic<int64_t>& first_bad) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
   at::parallel_for(0, B * F, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t f = p % F;
@@ -159,7 +159,9 @@ template <typename scalar_t, typename acc_t, typename index_t, typename remap_t,
 void backward_kernel(const scalar_t* grad_out, const int64_t* offs, const int64_t* dims, const remap_t* remap,
                      const index_t* indices, acc_t* grad_packed, acc_t* grad_oov, int64_t B, int64_t F,
                      int64_t D) {
-  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+  // About at::internal::GRAIN_SIZE gradient elements per task: small problems stay on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(B * D, 1));
+  at::parallel_for(0, F, grain, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t d = dims[f];
       if (d == 0) continue;

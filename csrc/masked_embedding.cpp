@@ -19,10 +19,12 @@
 //             norm. Index and dims range checks happen inside this pass (raised after, naming the argument).
 //   backward  sparse=True: one parallel pass over lookups writes the per-lookup gradient rows (B*F, D); no
 //             reduction at all (the caller wraps them as an uncoalesced COO tensor).
-//             dense: a stable counting sort of the lookups by table row (O(N + B*F) int32 work), then ONE parallel
-//             pass over row ranges of grad_weight: untouched rows are zero-filled with memset runs, touched rows
-//             get the sum of their lookups' gradient rows in ascending lookup order. Every grad_weight byte is
-//             written exactly once (no separate zero pass, no atomics, no races).
+//             dense: grad_weight (N, D) is allocated zero-filled without touching it (zeros_lazy_cpu: fresh
+//             anonymous pages, so only the pages of looked-up rows are ever materialised; a memset of the whole
+//             table would cost more than the rest of the op). The lookups are stable-radix-sorted by row
+//             (O(B*F) per 11-bit digit, never O(N)), then one parallel pass over the sorted lookups sums each
+//             touched row's gradient rows in ascending lookup order and writes the row once (no atomics, no races;
+//             chunks split the lookups, not the rows, so a very frequent row cannot unbalance the threads).
 //             grad_threshold / grad_oov: per-lookup STE scalars are kept in a (B*F,) buffer, then reduced per field
 //             in ascending batch order (parallel over fields).
 //   The accumulation order never depends on the thread count, so the CPU backward is always deterministic;
@@ -235,10 +237,12 @@ std::tuple<Tensor, Tensor> masked_embedding_forward_cpu(const Tensor& weight, co
 }
 
 // ---- backward -----------------------------------------------------------------------------------------------------
-// Adds the gradient row of one lookup into acc[0, D) and returns its STE scalar s * H(x) (0 without threshold).
-template <int P, bool kThr, typename scalar_t, typename acc_t>
+// One lookup's contribution: adds m * g[j] (j < k) into acc[0, k) and returns its STE scalar s * H(x) (0 without
+// threshold). The norm term s * H(x) * dn/dw is NOT added here: dn/dw is a property of the row (sign(w), or w / n),
+// so callers add (sum over the row's lookups of s * H) * dn/dw once per row (add_norm_term).
+template <bool kThr, typename scalar_t, typename acc_t>
 inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
-                         const scalar_t* __restrict__ oov_row, int64_t D, int64_t k, acc_t n, acc_t t,
+                         const scalar_t* __restrict__ oov_row, int64_t k, acc_t n, acc_t t,
                          acc_t* __restrict__ acc) {
   bool m = true;
   acc_t sh = 0;
@@ -260,15 +264,20 @@ inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restr
   if (m) {
     for (int64_t j = 0; j < k; ++j) acc[j] += static_cast<acc_t>(g[j]);
   }
-  if (sh != acc_t(0)) {
-    if constexpr (P == 1) {
-      for (int64_t j = 0; j < D; ++j) acc[j] += sh * sign_of(static_cast<acc_t>(w[j]));
-    } else if (n > acc_t(0)) {
-      const acc_t c = sh / n;
-      for (int64_t j = 0; j < D; ++j) acc[j] += c * static_cast<acc_t>(w[j]);
-    }
-  }
   return sh;
+}
+
+// acc[j] += c * dn/dw[j] over the full row: sign(w) for p = 1, w / n for p = 2 (0 at n = 0).
+template <int P, typename scalar_t, typename acc_t>
+inline void add_norm_term(const scalar_t* __restrict__ w, int64_t D, acc_t c, acc_t n, acc_t* __restrict__ acc) {
+  if (c == acc_t(0)) return;
+  if constexpr (P == 1) {
+    for (int64_t j = 0; j < D; ++j) acc[j] += c * sign_of(static_cast<acc_t>(w[j]));
+  } else {
+    if (!(n > acc_t(0))) return;
+    const acc_t cn = c / n;
+    for (int64_t j = 0; j < D; ++j) acc[j] += cn * static_cast<acc_t>(w[j]);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -309,15 +318,60 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
         if (k < 0 || k > D) raise_bad_dims(pos, pr, k);
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const acc_t sh = lookup_grad<P, kThr>(g + pos * D, w + r * D, oov != nullptr ? oov + f * D : nullptr, D, k,
-                                            norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
-      if constexpr (kThr) sh_buf[pos] = sh;
+      const acc_t sh = lookup_grad<kThr>(g + pos * D, w + r * D, oov != nullptr ? oov + f * D : nullptr, k,
+                                         norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
+      if constexpr (kThr) {
+        sh_buf[pos] = sh;
+        add_norm_term<P>(w + r * D, D, sh, norm[pos], acc.data());
+      }
       store_row(rows + pos * D, acc.data(), D);
     }
   });
 }
 
-// Dense: counting sort lookups by row (stable), then one pass over row ranges of grad_weight.
+// Stable LSD radix sort of the lookup positions by table row (11-bit digits over ceil(log2 N) bits): O(B*F) per
+// digit, independent of N. Validates every index on the way. On return keys[q] is the row of the q-th lookup in
+// row order and order[q] its position; lookups of one row keep ascending position order.
+template <typename index_t>
+void sort_lookups_by_row(const index_t* __restrict__ idx, int64_t L, int64_t N, int64_t F,
+                         std::vector<int64_t>& keys, std::vector<int32_t>& order) {
+  constexpr int kBits = 11;
+  constexpr int64_t kBuckets = int64_t(1) << kBits;
+  keys.resize(static_cast<size_t>(L));
+  order.resize(static_cast<size_t>(L));
+  for (int64_t pos = 0; pos < L; ++pos) {
+    const int64_t r = static_cast<int64_t>(idx[pos]);
+    if (r < 0 || r >= N) raise_bad_index(pos, F, r, N);
+    keys[pos] = r;
+    order[pos] = static_cast<int32_t>(pos);
+  }
+  int bits = 0;
+  while (bits < 63 && (int64_t(1) << bits) < N) ++bits;
+  std::vector<int64_t> keys_tmp(static_cast<size_t>(L));
+  std::vector<int32_t> order_tmp(static_cast<size_t>(L));
+  std::vector<int64_t> count(static_cast<size_t>(kBuckets));
+  for (int shift = 0; shift < bits; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t q = 0; q < L; ++q) ++count[(keys[q] >> shift) & (kBuckets - 1)];
+    int64_t sum = 0;
+    for (int64_t d = 0; d < kBuckets; ++d) {
+      const int64_t c = count[d];
+      count[d] = sum;
+      sum += c;
+    }
+    for (int64_t q = 0; q < L; ++q) {
+      const int64_t dst = count[(keys[q] >> shift) & (kBuckets - 1)]++;
+      keys_tmp[dst] = keys[q];
+      order_tmp[dst] = order[q];
+    }
+    keys.swap(keys_tmp);
+    order.swap(order_tmp);
+  }
+}
+
+// Dense: grad_weight arrives zero-filled (lazily, see zeros_lazy_cpu); the lookups are sorted by row and each
+// touched row is summed (ascending lookup order) and written exactly once. Work is split over the sorted lookups,
+// so a very frequent row does not unbalance the threads.
 template <typename scalar_t, typename index_t, int P, bool kThr>
 void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ gw,
                            at::opmath_type<scalar_t>* __restrict__ sh_buf) {
@@ -331,19 +385,9 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
   const int64_t F = pr.F, D = pr.D, N = pr.N;
   const int64_t L = pr.B * F;
 
-  // start[r + 1] counts lookups of row r - 1 ... after the prefix sum and the scatter, lookups of row r are
-  // order[start[r] : start[r + 1]] in ascending lookup order.
-  std::vector<int32_t> start(static_cast<size_t>(N + 2), 0);
-  std::vector<int32_t> order(static_cast<size_t>(L));
-  for (int64_t pos = 0; pos < L; ++pos) {
-    const int64_t r = static_cast<int64_t>(idx[pos]);
-    if (r < 0 || r >= N) raise_bad_index(pos, F, r, N);
-    ++start[r + 2];
-  }
-  for (int64_t i = 2; i < N + 2; ++i) start[i] += start[i - 1];
-  for (int64_t pos = 0; pos < L; ++pos) {
-    order[start[static_cast<int64_t>(idx[pos]) + 1]++] = static_cast<int32_t>(pos);
-  }
+  std::vector<int64_t> keys;
+  std::vector<int32_t> order;
+  sort_lookups_by_row(idx, L, N, F, keys, order);
   if (ptr.dims != nullptr) {  // validate dims up front: the row pass visits lookups in row order
     const int64_t nd = pr.dims_bstride == 0 ? F : L;
     for (int64_t i = 0; i < nd; ++i) {
@@ -351,32 +395,33 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
     }
   }
 
-  const int32_t* st = start.data();
+  const int64_t* key = keys.data();
   const int32_t* ord = order.data();
-  const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
-  // ~64 KiB of grad_weight per task keeps the memset runs long and the load balanced.
-  const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(static_cast<int64_t>(row_bytes), 1));
-  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, L, grain_for(D), [&](int64_t q0, int64_t q1) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
-    int64_t zero_from = r0;  // first row of the current run of untouched rows
-    for (int64_t r = r0; r < r1; ++r) {
-      const int32_t s = st[r], e = st[r + 1];
-      if (s == e) continue;
-      if (zero_from < r) std::memset(gw + zero_from * D, 0, static_cast<size_t>(r - zero_from) * row_bytes);
-      zero_from = r + 1;
+    // this chunk owns the rows whose first sorted lookup lies in [q0, q1)
+    int64_t q = q0;
+    while (q > 0 && q < q1 && key[q] == key[q - 1]) ++q;
+    while (q < q1) {
+      const int64_t r = key[q];
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const scalar_t* wr = w + r * D;
-      for (int32_t q = s; q < e; ++q) {
+      acc_t sh_sum = 0;  // sum of s * H over the row's lookups (every lookup of a row has the same norm)
+      const acc_t n = norm[ord[q]];
+      for (; q < L && key[q] == r; ++q) {
         const int64_t pos = ord[q];
         const int64_t f = pos % F;
         const int64_t k = ptr.dims != nullptr ? ptr.dims[(pos / F) * pr.dims_bstride + f] : D;
-        const acc_t sh = lookup_grad<P, kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, D, k,
-                                              norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
-        if constexpr (kThr) sh_buf[pos] = sh;
+        const acc_t sh = lookup_grad<kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, k, norm[pos],
+                                           kThr ? thr[f] : acc_t(0), acc.data());
+        if constexpr (kThr) {
+          sh_buf[pos] = sh;
+          sh_sum += sh;
+        }
       }
+      if constexpr (kThr) add_norm_term<P>(wr, D, sh_sum, n, acc.data());
       store_row(gw + r * D, acc.data(), D);
     }
-    if (zero_from < r1) std::memset(gw + zero_from * D, 0, static_cast<size_t>(r1 - zero_from) * row_bytes);
   });
 }
 
@@ -435,11 +480,12 @@ std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
   const int64_t L = pr.B * pr.F;
   TORCH_CHECK(L < std::numeric_limits<int32_t>::max(), op, ": B * F = ", L, " lookups exceed the int32 range");
 
-  Tensor grad_weight = sparse ? at::empty({L, pr.D}, weight.options()) : at::empty({pr.N, pr.D}, weight.options());
+  bool lazy_zero = false;
+  Tensor grad_weight = sparse ? at::empty({L, pr.D}, weight.options())
+                              : zeros_lazy_cpu({pr.N, pr.D}, weight.options(), &lazy_zero);
   Tensor grad_t = threshold.has_value() ? at::empty({pr.F}, threshold->options()) : at::empty({0}, weight.options());
   Tensor grad_oov = oov_weight.has_value() ? at::empty({pr.F, pr.D}, weight.options()) : at::empty({0}, weight.options());
   if (L == 0) {
-    if (!sparse) grad_weight.zero_();
     grad_t.zero_();
     grad_oov.zero_();
     return {grad_weight, grad_t, grad_oov};

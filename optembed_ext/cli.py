@@ -20,9 +20,6 @@ SUBCOMMAND_MODULES = (
     "optembed_ext.search.baselines_cli",
 )
 
-# Subcommand modules that may not be present in this tree yet; only a ModuleNotFoundError for exactly these
-# module names is tolerated (any other import error propagates).
-_NOT_YET_PRESENT_OK = frozenset({"optembed_ext.search.optembed_cli", "optembed_ext.search.baselines_cli"})
 
 
 def _subparsers_action(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
@@ -39,12 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name and name in _NOT_YET_PRESENT_OK:
-                continue
-            raise
+        # every listed module is part of the package: an import error is a bug and propagates
+        module = importlib.import_module(name)
         module.register(subparsers)
     for sub in subparsers.choices.values():
         if not any("--config" in a.option_strings for a in sub._actions):
@@ -89,6 +82,12 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
         action = actions.get(str(key))
         if action is None or key in ("config", "help"):
             sub.error(f"--config {known.config}: unknown option {key!r} for '{known.command}'")
+        if isinstance(value, str) and callable(action.type):
+            # YAML leaves e.g. "1e-3" or "64,32" as strings: convert them as the command line would
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                sub.error(f"--config {known.config}: bad value {value!r} for {key!r}: {err}")
         defaults[action.dest] = value
         action.required = False
     sub.set_defaults(**defaults)
@@ -100,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _apply_config_file(parser, argv)
     args = parser.parse_args(argv)
+    args._argv = list(argv)  # the command line as given, for the run's log.txt
     if args.command is None:
         parser.print_help()
         return 2

@@ -129,3 +129,42 @@ def test_bad_arguments_raise_clear_errors():
         emb.freeze(torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="field_dims"):
         emb.freeze(None, [1, 2, 3, 9])
+
+
+def _ste(x):
+    """Long-tail straight-through derivative of the unit step (OptEmbed): 2 - 4|x| near 0, 0.4 in the tail."""
+    a = x.abs()
+    return torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1.0, torch.full_like(x, 0.4), torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_supernet_gradients_match_the_straight_through_formula(p):
+    """Gradients of the table and the thresholds written from the formula with plain tensor ops."""
+    gen = torch.Generator().manual_seed(5)
+    fmap = _fmap()
+    D = 6
+    emb = OptEmbedEmbedding(fmap, D, norm=p).double()
+    with torch.no_grad():
+        emb.weight.normal_(0, 0.3, generator=gen)
+        emb.threshold.copy_(torch.tensor([0.8, 0.5, 1.1, 0.9], dtype=torch.float64))
+    ids = _ids(fmap, 11, gen)
+    ids[3] = ids[0]  # repeated rows accumulate
+    dims = torch.randint(1, D + 1, (11, 4), generator=gen)
+    emb.train()
+    emb.set_dims(dims)
+    g = torch.randn(11, 4, D, generator=gen, dtype=torch.float64)
+    (emb(ids) * g).sum().backward()
+
+    w = emb.weight.detach()
+    rows = w[ids]                                                   # (B, F, D)
+    n = rows.abs().sum(-1) if p == 1 else rows.pow(2).sum(-1).sqrt()
+    x = n - emb.threshold.detach()
+    m = (x > 0).double()
+    keep = (torch.arange(D) < dims.unsqueeze(-1)).double()
+    s = (g * keep * rows).sum(-1)                                    # (B, F)
+    dn = rows.sign() if p == 1 else rows / n.unsqueeze(-1)
+    per_pos = m.unsqueeze(-1) * g * keep + (s * _ste(x)).unsqueeze(-1) * dn
+    grad_w = torch.zeros_like(w).index_add_(0, ids.flatten(), per_pos.reshape(-1, D))
+    grad_t = -(s * _ste(x)).sum(0)
+    torch.testing.assert_close(emb.weight.grad, grad_w)
+    torch.testing.assert_close(emb.threshold.grad, grad_t)

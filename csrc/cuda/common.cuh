@@ -7,8 +7,11 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <c10/macros/Macros.h>
 
 #include "common.h"  // argument checks, OPTEMBED_*_SWITCH, step_ste_grad
@@ -74,6 +77,16 @@ __device__ __forceinline__ A sign_of(A w) {
   return w > A(0) ? A(1) : (w < A(0) ? A(-1) : A(0));
 }
 
+// ---- device-side argument checks ------------------------------------------------------------------------------
+// A kernel that validates its inputs records the smallest failing position in an int64 "error slot" (kNoError =
+// nothing failed) instead of asserting; the host reads all slots with one copy after the launch and raises a
+// Python exception naming the argument (read_error_slots). Out-of-range values never touch memory.
+constexpr int64_t kNoError = INT64_MAX;
+
+__device__ __forceinline__ void record_error(int64_t* slot, int64_t pos) {
+  atomicMin(reinterpret_cast<long long*>(slot), static_cast<long long>(pos));
+}
+
 }  // namespace cuda
 }  // namespace optembed
 
@@ -92,8 +105,39 @@ inline bool aligned16(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0;
 }
 
+// True when p (or nullptr) is aligned to `bytes` (the size of a Vec<T, VEC> access).
+inline bool aligned_to(const void* p, size_t bytes) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Launch geometry of a group kernel: G lanes per item (G covers the row's VEC-element units, at most a warp),
+// kBlockThreads / G items per block.
+struct GroupLaunch {
+  int G;
+  unsigned blocks;
+};
+
+inline GroupLaunch group_launch(int64_t items, int64_t D, int vec, const char* op) {
+  const int G = group_size_for(ceil_div(D, vec));
+  const int64_t blocks = ceil_div(items, kBlockThreads / G);
+  TORCH_CHECK(blocks <= INT32_MAX, op, ": too many rows for one launch (", items, ")");
+  return {G, static_cast<unsigned>(blocks > 0 ? blocks : 1)};
+}
+
+// `n` error slots on the device of `like`, all kNoError.
+inline at::Tensor make_error_slots(int64_t n, const at::Tensor& like) {
+  return at::full({n}, kNoError, like.options().dtype(at::kLong));
+}
+
+// Copies the slots to the host (one synchronising copy).
+inline std::vector<int64_t> read_error_slots(const at::Tensor& slots) {
+  const at::Tensor host = slots.cpu();
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + host.numel());
 }
 
 }  // namespace cuda

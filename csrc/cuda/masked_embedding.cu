@@ -8,8 +8,10 @@
 // warp shuffles in fp32 (fp64 for float64 weights), forms m = (norm - threshold[f] > 0) and writes
 //   out[b, f, j] = j < k ? (m ? w[r, j] : oov[f, j] or 0) : 0,      k = dims[f] / dims[b, f] / D
 // and norm[b, f]. Memory: each looked-up row is read from HBM once (the second pass hits L1), out written once.
-// Out-of-range indices never touch memory: they set a device flag that the host turns into an error naming
-// `indices` (check_indices=True); the row then yields zeros.
+// Out-of-range indices never touch memory (the row yields zeros). With check_indices=True the kernel also records
+// the first out-of-range index, the first dims value outside [0, D] and the first NaN threshold in error slots,
+// which the host reads after the launch (one small copy) and raises as on the CPU, naming the argument. With
+// check_indices=False nothing is synchronised: dims are clamped to [0, D] and a NaN threshold masks every row.
 //
 // Backward, per position (b, f) with s = sum_{j<k} g[j] * (w[r, j] - oov[f, j]) and h = H(norm - threshold[f]):
 //   c[j] = m * g[j] * [j < k] + s * h * dn/dw[r, j]      (contribution of the position to grad_weight[r])
@@ -24,6 +26,8 @@
 // once; no float atomics anywhere. grad_threshold = tpos.view(B, F).sum(0), grad_oov = per-(field, column)
 // partial sums over batch chunks (kernel C) followed by a sum over chunks: both fixed-order reductions, so
 // both are deterministic in every mode.
+// The backward trusts the indices / dims the forward validated (it never synchronises): an out-of-range index
+// contributes nothing, dims are clamped to [0, D].
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,9 +39,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common.cuh"
 
@@ -47,15 +53,26 @@ namespace {
 
 // k = number of leading dimensions kept for position (b, f); dims_stride_b is F for (B, F) dims, 0 for (F,).
 template <bool HAS_DIMS>
-__device__ __forceinline__ int64_t kept_dims(const int64_t* __restrict__ dims, int64_t dims_stride_b, int64_t b,
-                                             int64_t f, int64_t D) {
+__device__ __forceinline__ int64_t raw_dims(const int64_t* __restrict__ dims, int64_t dims_stride_b, int64_t b,
+                                            int64_t f, int64_t D) {
   if constexpr (HAS_DIMS) {
-    const int64_t k = dims[b * dims_stride_b + f];
-    return k < 0 ? 0 : (k > D ? D : k);
+    return dims[b * dims_stride_b + f];
   } else {
     return D;
   }
 }
+
+template <bool HAS_DIMS>
+__device__ __forceinline__ int64_t kept_dims(const int64_t* __restrict__ dims, int64_t dims_stride_b, int64_t b,
+                                             int64_t f, int64_t D) {
+  const int64_t k = raw_dims<HAS_DIMS>(dims, dims_stride_b, b, f, D);
+  return k < 0 ? 0 : (k > D ? D : k);
+}
+
+// Error slots of the forward (smallest failing position in each).
+constexpr int kErrIndex = 0;      // lookup position with an out-of-range index
+constexpr int kErrDims = 1;       // lookup position with dims outside [0, D]
+constexpr int kErrThreshold = 2;  // field with a NaN threshold
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward
@@ -65,7 +82,7 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel
     const scalar_t* __restrict__ weight, const int64_t* __restrict__ indices,
     const at::opmath_type<scalar_t>* __restrict__ threshold,  // (F,) or nullptr
     const int64_t* __restrict__ dims, int64_t dims_stride_b, const scalar_t* __restrict__ oov,
-    scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ norm_out, int* __restrict__ bad_index,
+    scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ norm_out, int64_t* __restrict__ errors,
     int64_t R, int64_t F, int64_t N, int64_t D, int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
@@ -78,7 +95,16 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel
   if (active) {
     r = indices[pos];
     valid = r >= 0 && r < N;
-    if (!valid && lane == 0 && bad_index != nullptr) *bad_index = 1;
+    if (errors != nullptr && lane == 0) {  // check_indices: record, the host raises after the launch
+      if (!valid) record_error(errors + kErrIndex, pos);
+      if constexpr (HAS_DIMS) {
+        const int64_t k = raw_dims<HAS_DIMS>(dims, dims_stride_b, pos / F, pos % F, D);
+        if (k < 0 || k > D) record_error(errors + kErrDims, pos);
+      }
+      if (threshold != nullptr && pos < F && threshold[pos] != threshold[pos]) {
+        record_error(errors + kErrThreshold, pos);
+      }
+    }
   }
   const scalar_t* wrow = weight + (valid ? r : 0) * D;
 
@@ -304,7 +330,7 @@ Shapes check_inputs(const at::Tensor& weight, const at::Tensor& indices, const s
   OPTEMBED_CHECK_DIM(indices, "masked_embedding: indices", 2);
   OPTEMBED_CHECK_INDEX_DTYPE(indices, "masked_embedding: indices");
   OPTEMBED_CHECK_SAME_DEVICE(indices, weight, "masked_embedding: indices", "weight");
-  TORCH_CHECK(p == 1 || p == 2, "masked_embedding: p must be 1 or 2, got ", p);
+  TORCH_CHECK_VALUE(p == 1 || p == 2, "masked_embedding: p must be 1 or 2, got ", p);
   const int64_t B = indices.size(0), F = indices.size(1), N = weight.size(0), D = weight.size(1);
   if (threshold.has_value()) {
     const at::Tensor& t = *threshold;
@@ -336,20 +362,6 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Launch geometry of the row kernels: G lanes per row, kBlockThreads / G rows per block.
-struct RowLaunch {
-  int G;
-  unsigned blocks;
-};
-
-RowLaunch row_launch(int64_t rows, int64_t D, int vec) {
-  const int G = group_size_for(ceil_div(D, vec));
-  const int64_t rows_per_block = kBlockThreads / G;
-  const int64_t blocks = ceil_div(rows, rows_per_block);
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "masked_embedding: too many lookups (", rows, ")");
-  return {G, static_cast<unsigned>(blocks)};
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tensor& weight, const at::Tensor& indices,
                                                                  const std::optional<at::Tensor>& threshold,
                                                                  const std::optional<at::Tensor>& dims, int64_t p,
@@ -369,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
   const at::Tensor dm = dims.has_value() ? dims->to(at::kLong).contiguous() : at::Tensor();
   const int64_t dims_stride_b = (dims.has_value() && dims->dim() == 2) ? s.F : 0;
   const at::Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : at::Tensor();
-  at::Tensor bad = check_indices ? at::zeros({1}, weight.options().dtype(at::kInt)) : at::Tensor();
+  at::Tensor errors = check_indices ? make_error_slots(3, weight) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "masked_embedding_forward_cuda", [&] {
@@ -382,13 +394,13 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
         OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
           OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
             constexpr int V = kVecOk ? kVec : 1;
-            const RowLaunch L = row_launch(R, s.D, V);
+            const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
             masked_embedding_forward_kernel<scalar_t, kP, kHasDims, kHasOov, V>
                 <<<L.blocks, kBlockThreads, 0, stream>>>(
                     w.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
                     dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b,
                     oov.defined() ? oov.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                    norm.data_ptr<acc_t>(), bad.defined() ? bad.data_ptr<int>() : nullptr, R, s.F, s.N, s.D, L.G);
+                    norm.data_ptr<acc_t>(), errors.defined() ? errors.data_ptr<int64_t>() : nullptr, R, s.F, s.N, s.D, L.G);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
@@ -396,10 +408,25 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
     });
   });
 
-  if (check_indices && bad.item<int>() != 0) {
-    const at::Tensor lo = idx.min().cpu(), hi = idx.max().cpu();
-    TORCH_CHECK_INDEX(false, "masked_embedding: indices must lie in [0, ", s.N, ") (rows of weight), got values in [",
-                      lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  if (check_indices) {  // same order and messages as the CPU kernel
+    const std::vector<int64_t> err = read_error_slots(errors);
+    TORCH_CHECK_VALUE(err[kErrThreshold] == kNoError, "masked_embedding_forward: threshold[", err[kErrThreshold],
+                      "] is NaN");
+    if (err[kErrIndex] != kNoError) {
+      const int64_t pos = err[kErrIndex];
+      TORCH_CHECK_INDEX(false, "indices[", pos / s.F, ", ", pos % s.F, "] = ",
+                        idx.view({R}).select(0, pos).item<int64_t>(), " is out of range for weight with N = ", s.N,
+                        " rows (valid ids are 0 <= id < N)");
+    }
+    if (err[kErrDims] != kNoError) {
+      const int64_t pos = err[kErrDims];
+      if (dims_stride_b == 0) {
+        TORCH_CHECK_VALUE(false, "dims[", pos % s.F, "] = ", dm.select(0, pos % s.F).item<int64_t>(),
+                          " must lie in [0, D = ", s.D, "]");
+      }
+      TORCH_CHECK_VALUE(false, "dims[", pos / s.F, ", ", pos % s.F, "] = ",
+                        dm.view({R}).select(0, pos).item<int64_t>(), " must lie in [0, D = ", s.D, "]");
+    }
   }
   return {out, norm};
 }
@@ -412,6 +439,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == s.B && grad_out.size(1) == s.F && grad_out.size(2) == s.D,
               "masked_embedding: grad_out must have shape (B, F, D) = (", s.B, ", ", s.F, ", ", s.D, "), got ",
               grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), "masked_embedding: grad_out dtype ",
+              grad_out.scalar_type(), " must match weight dtype ", weight.scalar_type());
   OPTEMBED_CHECK_SAME_DEVICE(grad_out, weight, "masked_embedding: grad_out", "weight");
   TORCH_CHECK(norm.dim() == 2 && norm.size(0) == s.B && norm.size(1) == s.F,
               "masked_embedding: norm must have shape (B, F) = (", s.B, ", ", s.F, "), got ", norm.sizes());
@@ -428,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
     return {at::zeros({sparse ? R : s.N, s.D}, weight.options()), grad_threshold, grad_oov};
   }
 
-  const at::Tensor g = grad_out.to(weight.scalar_type()).contiguous();
+  const at::Tensor g = grad_out.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor idx = indices.to(at::kLong).contiguous();
   const at::Tensor nrm = norm.to(acc_type).contiguous();
@@ -457,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
         OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
           OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
             constexpr int V = kVecOk ? kVec : 1;
-            const RowLaunch L = row_launch(R, s.D, V);
+            const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
             masked_embedding_backward_rows_kernel<scalar_t, kP, kHasDims, kHasOov, V>
                 <<<L.blocks, kBlockThreads, 0, stream>>>(
                     g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), nrm.data_ptr<acc_t>(),
@@ -481,7 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
       const bool acc_vec_ok = s.D % kAccVec == 0;  // pos_grad is a fresh allocation: rows are 16-byte aligned
       OPTEMBED_BOOL_SWITCH(acc_vec_ok, kVecOk, [&] {
         constexpr int V = kVecOk ? kAccVec : 1;
-        const RowLaunch L = row_launch(R, s.D, V);
+        const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
         segment_reduce_rows_kernel<scalar_t, V><<<L.blocks, kBlockThreads, 0, stream>>>(
             sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pos_grad.data_ptr<acc_t>(),
             grad_weight.data_ptr<scalar_t>(), R, s.N, s.D, L.G);

@@ -27,7 +27,7 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import compress, islice, repeat
 from pathlib import Path
 from typing import Any

@@ -152,19 +152,20 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("%s: wrote cache %s", name, final)
-    result = _load_cached(name, final, params)
+    result = _load_cached(name, final, params, announce=False)
     result.from_cache = False
     return result
 
 
-def _load_cached(name: str, folder: Path, params: dict) -> PreprocessResult:
+def _load_cached(name: str, folder: Path, params: dict, announce: bool = True) -> PreprocessResult:
     fmap = FeatureMap.from_json(folder / "feature_map.json")
     meta = json.loads((folder / "meta.json").read_text())
     X = np.load(folder / "X.npy", mmap_mode="r")
     y = np.load(folder / "y.npy", mmap_mode="r")
     if X.ndim != 2 or X.shape[1] != fmap.num_fields or y.shape != (X.shape[0],):
         raise ValueError(f"cached arrays in {folder} do not match feature_map.json")
-    logger.info("%s: using cached preprocessing %s", name, folder)
+    if announce:
+        logger.info("%s: using cached preprocessing %s", name, folder)
     return PreprocessResult(name, folder, fmap, X, y, meta.get("stats", {}), True, params)
 
 

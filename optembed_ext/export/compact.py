@@ -108,10 +108,15 @@ def _jsonable(obj):
 # ----------------------------------------------------------------------------------------------------- export
 def _table_of(embedding) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[int] | None]:
     """(weight (N, D), oov (F, D) or None, row_mask (N,) or None, field_dims or None) of a masked embedding."""
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"cannot export {type(embedding).__name__}: it has no (N, D) `weight` table "
-                        "(export supports uniform and OptEmbed-style row/dim-masked tables)")
+    from ..nn.optembed import OptEmbedEmbedding
+    from ..nn.uniform import UniformEmbedding
+
+    # Other tables (PEP's soft threshold, QR, AutoDim mixtures, ...) do not serve rows of one (N, D) table
+    # as they are stored, so exporting their `weight` would silently change the predictions.
+    if not isinstance(embedding, (OptEmbedEmbedding, UniformEmbedding)):
+        raise TypeError(f"cannot export {type(embedding).__name__}: compact export supports UniformEmbedding and "
+                        "OptEmbedEmbedding (row- and dim-masked) tables")
+    weight = embedding.weight
     oov = getattr(embedding, "oov_weight", None)
     row_mask = embedding.row_mask() if callable(getattr(embedding, "row_mask", None)) else None
     field_dims = None
@@ -361,7 +366,7 @@ def export_run(run, out=None, *, batch_size: int = 4096, repeats: int = 20, benc
 def format_report(report: dict) -> str:
     """Human-readable summary of :func:`compare_with_uniform` / :func:`export_run`."""
     mem = report.get("memory", {})
-    lines = [f"compact model: {report.get('model', '')}"]
+    lines = [f"compact model: {report['model']}"] if report.get("model") else []
     if mem:
         lines.append(f"embedding memory: uniform {mem['uniform_bytes']:,} B  compact {mem['compact_bytes']:,} B  "
                      f"({mem['uniform_bytes'] / max(mem['compact_bytes'], 1):.2f}x smaller)")

@@ -4,8 +4,10 @@ Search stage (:class:`AutoDimEmbedding`): every field ``f`` has ``K`` candidate 
 (default ``{2, 8, 16, 24, 32}``). With *weight sharing* one table of ``d_K`` columns is kept and candidate
 ``k`` reads its first ``d_k`` columns. Each candidate embedding is brought to the model's common dimension
 ``D`` either by a per-field, per-candidate linear transformation (``transform="linear"``,
-``t_k = e[:d_k] W_{f,k} + b_{f,k}``) or by zero padding (``transform="zero_pad"``), optionally followed by a
-batch normalisation per candidate (no affine part), and the field embedding is their mixture
+``t_k = e[:d_k] W_{f,k} + b_{f,k}``, initialised to keep the row's scale, bias 0) or by zero padding
+(``transform="zero_pad"``), optionally followed by a batch normalisation per candidate (no affine part; the
+normalised values are multiplied by the table's initial std ``bn_scale`` so their magnitude matches a table row),
+and the field embedding is their mixture
 
     out_f = sum_k p_{f,k} t_{f,k},     p_f = gumbel_softmax(alpha_f, tau)   (training)
                                        p_f = softmax(alpha_f / tau)         (evaluation)
@@ -47,6 +49,13 @@ def _check_dims(name: str, dims, embed_dim: int, transform: str) -> list[int]:
     return out
 
 
+def _scale_preserving(fan_in: int, shape) -> torch.Tensor:
+    """``U(-sqrt(3 / fan_in), sqrt(3 / fan_in))``: a ``fan_in -> D`` map that keeps the per-column variance of
+    its input, so a transformed candidate has the magnitude of a table row whatever its dimension."""
+    bound = math.sqrt(3.0 / fan_in)
+    return torch.empty(*shape).uniform_(-bound, bound)
+
+
 def _check_transform(transform: str) -> None:
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
@@ -84,11 +93,13 @@ class AutoDimEmbedding(EmbeddingModule):
             self.proj_weight = nn.ParameterList()
             self.proj_bias = nn.ParameterList()
             for dk in cands:
-                bound = 1.0 / math.sqrt(dk)
-                self.proj_weight.append(nn.Parameter(torch.empty(f, dk, d).uniform_(-bound, bound)))
-                self.proj_bias.append(nn.Parameter(torch.empty(f, d).uniform_(-bound, bound)))
+                self.proj_weight.append(nn.Parameter(_scale_preserving(dk, (f, dk, d))))
+                self.proj_bias.append(nn.Parameter(torch.zeros(f, d)))
         self.bns = nn.ModuleList(
             [nn.BatchNorm1d(f * d, affine=False) for _ in cands]) if self.batch_norm else None
+        #: normalised candidates are brought back to the table's initial scale (the xavier std of the table), so
+        #: that backbones summing many pairwise products (FM, DeepFM) see embeddings of the usual magnitude
+        self.bn_scale = math.sqrt(2.0 / (n + dmax))
         self.alpha = nn.Parameter(torch.zeros(f, len(cands)))
 
     # ------------------------------------------------------------ candidates
@@ -104,7 +115,7 @@ class AutoDimEmbedding(EmbeddingModule):
             else:
                 t = F.pad(c, (0, self.embed_dim - dk))
             if self.bns is not None:
-                t = self.bns[k](t.reshape(b, -1)).reshape(b, self.num_fields, self.embed_dim)
+                t = self.bns[k](t.reshape(b, -1)).reshape(b, self.num_fields, self.embed_dim) * self.bn_scale
             out.append(t)
         return out
 
@@ -173,18 +184,18 @@ class MixedDimEmbedding(EmbeddingModule):
         self.register_buffer("offsets", torch.as_tensor(list(feature_map.offsets), dtype=torch.long),
                              persistent=False)
         self.tables = nn.ParameterList()
+        # every row starts at the scale of a row of the uniform (N, D) xavier table
+        bound = math.sqrt(6.0 / (self.num_features + embed_dim))
         for card, df in zip(self.cardinalities, dims):
-            w = torch.empty(card, df)
-            nn.init.xavier_uniform_(w)
-            self.tables.append(nn.Parameter(w))
+            self.tables.append(nn.Parameter(torch.empty(card, df).uniform_(-bound, bound)))
         if transform == "linear":
             self.proj_weight = nn.ParameterList()
             self.proj_bias = nn.ParameterList()
             for df in dims:
-                bound = 1.0 / math.sqrt(df)
-                self.proj_weight.append(nn.Parameter(torch.empty(df, embed_dim).uniform_(-bound, bound)))
-                self.proj_bias.append(nn.Parameter(torch.empty(embed_dim).uniform_(-bound, bound)))
+                self.proj_weight.append(nn.Parameter(_scale_preserving(df, (df, embed_dim))))
+                self.proj_bias.append(nn.Parameter(torch.zeros(embed_dim)))
         self.bn = nn.BatchNorm1d(self.num_fields * embed_dim, affine=False) if batch_norm else None
+        self.bn_scale = math.sqrt(2.0 / (self.num_features + embed_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids)
@@ -200,7 +211,7 @@ class MixedDimEmbedding(EmbeddingModule):
         out = torch.stack(cols, dim=1)                                   # (B, F, D)
         if self.bn is not None:
             b = ids.shape[0]
-            out = self.bn(out.reshape(b, -1)).reshape(b, self.num_fields, self.embed_dim)
+            out = self.bn(out.reshape(b, -1)).reshape(b, self.num_fields, self.embed_dim) * self.bn_scale
         return out
 
     def num_params(self) -> int:

@@ -173,8 +173,8 @@ class CompactEmbedding(EmbeddingModule):
         return int(self.packed.numel())
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes of each stored piece as served: tables, id remap, OOV vectors, per-field offsets and dims."""
-        oov = 0 if self.oov_weight is None else int(self.field_dims.sum()) * self.packed.element_size()
+        """Bytes of each stored piece: tables, id remap, OOV vectors ``(F, D)``, per-field offsets and dims."""
+        oov = 0 if self.oov_weight is None else self.oov_weight.numel() * self.oov_weight.element_size()
         return {
             "packed": int(self.packed.numel() * self.packed.element_size()),
             "remap": int(self.remap.numel() * self.remap.element_size()),
@@ -184,7 +184,8 @@ class CompactEmbedding(EmbeddingModule):
         }
 
     def memory_bytes(self) -> int:
-        """``sum_f R_f D_f * itemsize + N * remap_itemsize + sum_f D_f * itemsize (OOV) + (2F+1) * 8``."""
+        """Bytes held: ``sum_f R_f D_f * itemsize + N * remap_itemsize + (2F + 1) * 8`` (offsets and dims, int64)
+        ``+ F * D * itemsize`` with OOV vectors."""
         return int(sum(self.memory_breakdown().values()))
 
     def config(self) -> dict:

@@ -6,9 +6,11 @@ import importlib
 
 _EXPORTS = {
     "run_optembed": "optembed", "OptEmbedConfig": "optembed", "OptEmbedSupernetCallback": "optembed",
-    "load_search_result": "optembed", "build_retrained_model": "optembed",
+    "load_search_result": "optembed", "build_retrained_model": "optembed", "OptEmbedRun": "optembed",
     "EvolutionConfig": "evolution", "EvolutionSearch": "evolution", "evaluate_population": "evolution",
     "evaluate_one_at_a_time": "evolution", "mutate": "evolution", "crossover": "evolution",
+    "next_generation": "evolution", "rank": "evolution", "measure_speedup": "evolution",
+    "write_report": "report", "render_markdown": "report",
 }
 
 

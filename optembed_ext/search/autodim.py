@@ -92,7 +92,9 @@ class DartsArchitectureCallback(Callback):
             p.grad = None
 
     def on_batch_end(self, trainer, loss: float) -> None:
-        if int(getattr(trainer, "global_step", 0)) % self.arch_every != 0:
+        step = int(getattr(trainer, "global_step", 0))
+        self._set_temperature(step)
+        if step % self.arch_every != 0:
             return
         val_ids, val_labels = trainer.next_val_batch()
         model = trainer.model
@@ -213,11 +215,13 @@ def search_autodim(data, model_name: str, embed_dim: int, train_config, config: 
     cfg = method_train_config(train_config, epochs=config.search_epochs)
     t0 = time.perf_counter()
     _, res = train_and_evaluate(data, model_name, emb, cfg, model_cfg=model_cfg, run_dir=run_dir, callbacks=[cb])
-    seconds = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    seconds = float(res["train_seconds"])  # training epochs of the search, architecture steps included
     dims = emb.chosen_dims()
     log.info("AutoDim: chosen dimensions %s", dict(zip(data.feature_map.field_names, dims)))
     return {"dims": dims, "candidates": emb.candidates, "probabilities": emb.probabilities().tolist(),
-            "alpha": emb.alpha.detach().tolist(), "seconds": seconds, "arch_steps": cb.arch_steps,
+            "alpha": emb.alpha.detach().tolist(), "seconds": seconds, "wall_seconds": wall,
+            "arch_steps": cb.arch_steps,
             "supernet_test_auc": res["auc"], "field_names": list(data.feature_map.field_names)}
 
 

@@ -5,9 +5,12 @@ gate) is trained by the shared trainer while :class:`~optembed_ext.search.autodi
 updates the gate logits on ``trainer.next_val_batch()`` (first-order DARTS) and anneals the temperature.
 
 Selection and retraining: the ``keep`` fields with the highest keep probability are kept (``keep`` is a
-count, or a fraction of the fields when below 1). Dropped fields are removed from the data -- their ids are
-replaced by the field's first id in every split, so no part of the model (first-order terms included) can read
-them -- and a :class:`~optembed_ext.nn.autofield.FieldSelectedEmbedding` is trained from scratch.
+count, or a fraction of the fields when below 1) and a :class:`~optembed_ext.nn.autofield.FieldSelectedEmbedding`
+is trained from scratch. With ``remove_fields`` (default, the paper's feature-field selection) dropped fields are
+removed from the data -- their ids are replaced by the field's first id in every split, so no part of the model
+(first-order terms included) can read them. Without it only their embeddings are removed: backbones with
+first-order terms (FM, DeepFM, Wide&Deep) still read their ids there, exactly as during the search, where the
+gates scale the embeddings only.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class AutoFieldConfig:
     second_order: bool = False
     search_epochs: int | None = None
     retrain: bool = True
+    remove_fields: bool = True               # False: drop only the embeddings of the fields not kept
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not self.keep > 0:
@@ -86,13 +90,15 @@ def search_autofield(data, model_name: str, embed_dim: int, train_config, config
     cfg = method_train_config(train_config, epochs=config.search_epochs)
     t0 = time.perf_counter()
     _, res = train_and_evaluate(data, model_name, emb, cfg, model_cfg=model_cfg, run_dir=run_dir, callbacks=[cb])
-    seconds = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    seconds = float(res["train_seconds"])  # training epochs of the search, architecture steps included
     keep = emb.select(config.num_kept(emb.num_fields))
     names = list(data.feature_map.field_names)
     log.info("AutoField: keeping fields %s", [names[f] for f in keep])
     return {"keep": keep, "kept_fields": [names[f] for f in keep],
             "keep_probabilities": emb.keep_probabilities().tolist(), "field_names": names,
-            "seconds": seconds, "arch_steps": cb.arch_steps, "supernet_test_auc": res["auc"]}
+            "seconds": seconds, "wall_seconds": wall, "arch_steps": cb.arch_steps,
+            "supernet_test_auc": res["auc"]}
 
 
 def run_autofield(data, model_name: str, embed_dim: int, train_config, config: AutoFieldConfig | None = None, *,
@@ -104,14 +110,15 @@ def run_autofield(data, model_name: str, embed_dim: int, train_config, config: A
                               run_dir=run_dir / "search" if run_dir is not None else None)
     rows = []
     if config.retrain:
-        sub = drop_fields(data, search["keep"])
+        sub = drop_fields(data, search["keep"]) if config.remove_fields else data
         seed_everything(train_config.seed)
         emb = FieldSelectedEmbedding(sub.feature_map, embed_dim, search["keep"])
         _, res = train_and_evaluate(sub, model_name, emb, train_config, model_cfg=model_cfg,
                                     run_dir=run_dir / "retrain" if run_dir is not None else None)
         res["train_seconds"] += search["seconds"]
-        rows.append(make_row("autofield", f"keep{len(search['keep'])}", res, search_seconds=search["seconds"],
-                             kept_fields=search["kept_fields"]))
+        variant = f"keep{len(search['keep'])}" + ("" if config.remove_fields else "-emb")
+        rows.append(make_row("autofield", variant, res, search_seconds=search["seconds"],
+                             kept_fields=search["kept_fields"], remove_fields=config.remove_fields))
     return {"rows": rows, "search": search}
 
 

@@ -117,11 +117,14 @@ def run_uniform(data, model_name: str, train_config: TrainConfig, dims, *, model
 
 @dataclass
 class QRConfig:
-    """Settings of the QR runs: one trained model per entry of ``collisions``."""
+    """Settings of the QR runs: one trained model per entry of ``collisions`` (every field hashed alike) plus,
+    when ``field_collisions`` is given (``{field_name: c}``, fields not named keep a full table), one model with
+    those per-field collisions."""
 
     collisions: list[int] = field(default_factory=lambda: [2, 4, 8])
     operation: str = "mult"
     min_cardinality: int = 0
+    field_collisions: dict | None = None
 
     def __post_init__(self):
         from ..nn.qr import OPERATIONS
@@ -133,22 +136,29 @@ class QRConfig:
             raise ValueError(f"collisions must be positive ints, got {self.collisions!r}")
         if self.operation not in OPERATIONS:
             raise ValueError(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
+        if self.field_collisions is not None and not isinstance(self.field_collisions, dict):
+            raise ValueError(f"field_collisions must be a mapping {{field_name: collisions}}, "
+                             f"got {self.field_collisions!r}")
 
 
 def run_qr(data, model_name: str, embed_dim: int, train_config: TrainConfig, config: QRConfig | None = None, *,
            model_cfg: dict | None = None, run_dir=None) -> dict:
-    """Quotient-remainder embeddings, one model per collision count (every field hashed alike)."""
+    """Quotient-remainder embeddings: one model per collision count (every field hashed alike) and one with the
+    per-field ``field_collisions`` when given."""
     from ..nn.qr import QREmbedding
 
     config = config or QRConfig()
+    runs = [(f"c{int(c)}", int(c)) for c in config.collisions]
+    if config.field_collisions:
+        runs.append(("per-field", dict(config.field_collisions)))
     rows = []
-    for c in config.collisions:
+    for name, c in runs:
         seed_everything(train_config.seed)
-        emb = QREmbedding(data.feature_map, embed_dim, collisions=int(c), operation=config.operation,
+        emb = QREmbedding(data.feature_map, embed_dim, collisions=c, operation=config.operation,
                           min_cardinality=config.min_cardinality)
-        sub = Path(run_dir) / f"c{int(c)}" if run_dir is not None else None
+        sub = Path(run_dir) / name if run_dir is not None else None
         _, res = train_and_evaluate(data, model_name, emb, train_config, model_cfg=model_cfg, run_dir=sub)
-        rows.append(make_row("qr", f"{config.operation}-c{int(c)}", res, collisions=int(c),
+        rows.append(make_row("qr", f"{config.operation}-{name}", res, collisions=emb.collisions,
                              operation=config.operation))
     return {"rows": rows}
 

@@ -3,8 +3,12 @@
 A candidate is an int64 vector ``(F,)`` of kept dimensions in ``1..D`` (a prefix mask per field). Each generation
 the population is evaluated on validation data with the supernet's row mask fixed (fitness = AUC), sorted, and
 the next population is ``keep_num`` elites + ``mutation_num`` mutants of the best candidates (each field redrawn
-with probability ``m_prob``) + ``crossover_num`` one-point crossovers of pairs of the best candidates -- the
-operators and defaults of the OptEmbed reference code. The most accurate candidate seen is the result.
+with probability ``m_prob``) + ``crossover_num`` one-point crossovers of distinct pairs of the best candidates -- the
+operators and defaults of the OptEmbed reference code. Parents come from the ``top_k`` best candidates (default:
+as the reference code, the ``i``-th mutant mutates the ``i``-th best and crossover pairs are drawn from the best
+``crossover_num + 1``). Candidates are ranked by AUC, ties broken by fewer embedding parameters, then by a smaller
+sum of dims (a field whose rows are all pruned changes neither the AUC nor the parameters, so its dimension then
+goes to the smallest value seen). The most accurate candidate seen is the result.
 
 Population evaluation is batched: one embedding lookup per validation batch is shared by all candidates, each
 candidate's dimension mask is applied to it, and the interaction network runs once on the stacked
@@ -32,23 +36,29 @@ class EvolutionConfig:
     crossover_num: int = 10        # crossovers per generation
     keep_num: int = 0              # elites copied unchanged into the next generation
     m_prob: float = 0.1            # per-field mutation probability
+    top_k: int | None = None       # parents drawn from the best top_k (None: the reference code's selection)
     seed: int = 0
     eval_batch_size: int = 4096    # validation ids per shared embedding lookup
-    max_stack_rows: int = 65536    # at most this many (candidate, sample) rows per stacked forward
+    max_stack_rows: int | None = None  # (candidate, sample) rows per stacked forward; None: by device (below)
     cache: bool = True             # evaluate a candidate seen before only once
 
     def __post_init__(self):
-        for name in ("generations", "mutation_num", "crossover_num", "keep_num", "eval_batch_size",
-                     "max_stack_rows"):
+        for name in ("generations", "mutation_num", "crossover_num", "keep_num", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.eval_batch_size < 1 or self.max_stack_rows < 1:
-            raise ValueError("eval_batch_size and max_stack_rows must be positive")
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be positive")
+        if self.max_stack_rows is not None and (isinstance(self.max_stack_rows, bool) or
+                                                not isinstance(self.max_stack_rows, int) or self.max_stack_rows < 1):
+            raise ValueError(f"max_stack_rows must be a positive int or None, got {self.max_stack_rows!r}")
         if self.mutation_num + self.crossover_num + self.keep_num < 1:
             raise ValueError("the population is empty: mutation_num + crossover_num + keep_num must be >= 1")
         if not (0.0 < float(self.m_prob) <= 1.0):
             raise ValueError(f"m_prob must lie in (0, 1], got {self.m_prob!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
 
     @property
     def population_size(self) -> int:
@@ -92,12 +102,21 @@ def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 def next_generation(sorted_cands: np.ndarray, config: EvolutionConfig, embed_dim: int,
                     rng: np.random.Generator) -> np.ndarray:
-    """Elites + mutants of the best ``mutation_num`` + crossovers of distinct pairs among the best."""
+    """Elites + mutants + crossovers of distinct pairs among the best (``sorted_cands`` best first).
+
+    Without ``top_k`` (the reference code): the ``i``-th mutant mutates the ``i``-th best candidate and crossover
+    pairs are drawn among the best ``crossover_num + 1``. With ``top_k``: mutation parents are drawn uniformly from
+    the best ``top_k`` and crossover pairs among them.
+    """
     n = sorted_cands.shape[0]
+    if n == 0:
+        raise ValueError("sorted_cands is empty")
+    top = None if config.top_k is None else min(n, config.top_k)
     out = [sorted_cands[i].copy() for i in range(min(config.keep_num, n))]
     for i in range(config.mutation_num):
-        out.append(mutate(sorted_cands[i % n], config.m_prob, embed_dim, rng))
-    pool = min(n, config.crossover_num + 1)
+        parent = i % n if top is None else int(rng.integers(top))
+        out.append(mutate(sorted_cands[parent], config.m_prob, embed_dim, rng))
+    pool = min(n, config.crossover_num + 1) if top is None else top
     seen: set[tuple[int, int]] = set()
     max_pairs = pool * pool
     for _ in range(config.crossover_num):
@@ -107,6 +126,17 @@ def next_generation(sorted_cands: np.ndarray, config: EvolutionConfig, embed_dim
         seen.add((x, y))
         out.append(crossover(sorted_cands[x], sorted_cands[y], rng))
     return np.stack(out).astype(np.int64)
+
+
+def rank(aucs, params, dim_sums=None) -> np.ndarray:
+    """Order of candidates, best first: higher AUC, ties broken by fewer parameters, then (``dim_sums``) by a
+    smaller sum of dims (a field without kept rows costs nothing whatever its dim), then by position."""
+    aucs = np.asarray(aucs, dtype=np.float64)
+    params = np.asarray(params, dtype=np.int64)
+    keys = [np.arange(len(aucs))]
+    if dim_sums is not None:
+        keys.append(np.asarray(dim_sums, dtype=np.int64))
+    return np.lexsort((*keys, params, -aucs))
 
 
 def prefix_masks(cands: torch.Tensor, embed_dim: int, dtype=torch.float32) -> torch.Tensor:
@@ -122,22 +152,38 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc(y, p))
 
 
+#: rows per stacked forward when ``max_stack_rows`` is None: on a GPU large stacks fill the device; on a CPU the
+#: backbone's cost per row does not fall with the batch size while stacks that leave the cache make it rise, so
+#: one batch of candidates' rows at a time is fastest there (the lookup is still shared by the whole population).
+DEFAULT_STACK_ROWS = {"cuda": 65536}
+
+
+def default_stack_rows(device, batch_size: int) -> int:
+    """``max_stack_rows`` used when None: 65536 on CUDA, else ``batch_size``."""
+    return DEFAULT_STACK_ROWS.get(torch.device(device).type, int(batch_size))
+
+
 @torch.no_grad()
-def evaluate_population(model, split, cands, *, batch_size: int = 4096, max_stack_rows: int = 65536,
+def evaluate_population(model, split, cands, *, batch_size: int = 4096, max_stack_rows: int | None = None,
                         device="cpu") -> dict:
     """Validation AUC (and predictions) of every candidate, the population batched.
 
     For each batch of ids the embedding is looked up once (full dimension, the model's row mask applied); the
     candidates' prefix masks are applied to it and ``model.predict_from_embeddings`` runs on the stacked
-    ``(C' * B, F, D)`` tensor, ``C'`` candidates at a time so that at most ``max_stack_rows`` rows are stacked.
+    ``(C' * B, F, D)`` tensor, ``C'`` candidates at a time so that at most ``max_stack_rows`` rows are stacked
+    (at least one candidate; None: :func:`default_stack_rows`).
 
     Returns ``{"auc": list[float] (C,), "probs": float64 (C, n)}``.
     """
     cands = torch.as_tensor(np.asarray(cands), dtype=torch.long, device=device)
-    if cands.dim() != 2:
-        raise ValueError(f"cands must have shape (C, F), got {tuple(cands.shape)}")
-    model.eval()
     emb_module = model.embedding
+    if cands.dim() != 2 or cands.shape[1] != emb_module.num_fields:
+        raise ValueError(f"cands must have shape (C, {emb_module.num_fields}), got {tuple(cands.shape)}")
+    if cands.numel() and (int(cands.min()) < 1 or int(cands.max()) > emb_module.embed_dim):
+        raise ValueError(f"cands must hold dims in [1, {emb_module.embed_dim}]")
+    if max_stack_rows is None:
+        max_stack_rows = default_stack_rows(device, batch_size)
+    model.eval()
     emb_module.set_dims(None)
     num_c = cands.shape[0]
     D = emb_module.embed_dim
@@ -205,6 +251,7 @@ class EvolutionSearch:
             ``resume`` a rerun continues after the last finished generation.
         device: device of the evaluation.
         on_generation_end: optional ``fn(generation, record)`` called after each checkpoint.
+        log: ``fn(line)`` for progress lines (None: silent).
     """
 
     STATE = "evolution_state.pt"
@@ -217,7 +264,7 @@ class EvolutionSearch:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = device
         self.on_generation_end = on_generation_end
-        self.log = log
+        self.log = log if log is not None else (lambda msg: None)
         emb = model.embedding
         self.num_fields = emb.num_fields
         self.embed_dim = emb.embed_dim
@@ -250,7 +297,7 @@ class EvolutionSearch:
         if self.run_dir is None or not (self.run_dir / self.STATE).exists():
             return None
         state = torch.load(self.run_dir / self.STATE, weights_only=False)
-        keys = ("mutation_num", "crossover_num", "keep_num", "m_prob", "seed")
+        keys = ("mutation_num", "crossover_num", "keep_num", "m_prob", "top_k", "seed")
         old, new = state.get("config", {}), asdict(self.config)
         if any(old.get(k) != new[k] for k in keys):
             # Only settings that do not change the search trajectory (generations, batch sizes) may change.
@@ -275,11 +322,14 @@ class EvolutionSearch:
             t0 = time.perf_counter()
             population = state["population"]
             aucs, n_eval = self._evaluate(population, cache)
-            order = np.argsort(-np.asarray(aucs), kind="stable")
+            params = [num_params_of(c, self.kept_rows) for c in population]
+            order = rank(aucs, params, population.sum(axis=1))
             population = population[order]
             aucs = [aucs[i] for i in order]
-            params = [num_params_of(c, self.kept_rows) for c in population]
-            if state["best"] is None or aucs[0] > state["best"]["val_auc"]:
+            params = [params[i] for i in order]
+            best = state["best"]
+            if best is None or (aucs[0], -params[0], -int(population[0].sum())) > \
+                    (best["val_auc"], -best["num_params"], -int(sum(best["dims"]))):
                 state["best"] = {"dims": [int(v) for v in population[0]], "val_auc": float(aucs[0]),
                                  "num_params": int(params[0]), "generation": int(state["generation"])}
             seconds = time.perf_counter() - t0
@@ -310,7 +360,7 @@ class EvolutionSearch:
         return result
 
 
-def measure_speedup(model, split, num_candidates: int, *, batch_size: int = 4096, max_stack_rows: int = 65536,
+def measure_speedup(model, split, num_candidates: int, *, batch_size: int = 4096, max_stack_rows: int | None = None,
                     seed: int = 0, device="cpu", repeats: int = 1) -> dict:
     """Time one generation of ``num_candidates`` random candidates batched vs one at a time (after a warm-up).
 
@@ -333,7 +383,9 @@ def measure_speedup(model, split, num_candidates: int, *, batch_size: int = 4096
         ro = evaluate_one_at_a_time(model, split, cands, batch_size=batch_size, device=device)
         to.append(time.perf_counter() - t0)
     batched, single = float(np.median(tb)), float(np.median(to))
-    return {"candidates": int(num_candidates), "samples": int(len(split.y)), "batched_seconds": batched,
+    stack = max_stack_rows if max_stack_rows is not None else default_stack_rows(device, batch_size)
+    return {"candidates": int(num_candidates), "samples": int(len(split.y)), "batch_size": int(batch_size),
+            "max_stack_rows": int(stack), "batched_seconds": batched,
             "one_at_a_time_seconds": single, "speedup": single / batched if batched > 0 else math.inf,
             "max_auc_diff": float(np.max(np.abs(np.asarray(rb["auc"]) - np.asarray(ro["auc"])))),
             "max_prob_diff": float(np.max(np.abs(rb["probs"] - ro["probs"])))}

@@ -16,11 +16,15 @@ phase             what it does
 ``supernet_d`` /  OptEmbed-D (dims only: supernet without thresholds, evolution, retrain with all rows)
 ``evolution_d`` /
 ``retrain_d``
+``export``        compact export of the retrained model (``compact_model.pt`` + size/latency ``.json``)
 ================  =====================================================================================
 
-Each phase works in ``out_dir/phases/<name>/`` and writes ``done.json`` when finished; a rerun with the same
-``out_dir`` skips finished phases, resumes a training phase from its trainer checkpoint and the evolution from
-its last finished generation. The initial weights of all OptEmbed models (and of the uniform model's shared
+Every variant's embedding size is reported twice: ``bytes`` (kept rows x field dims x element size) and
+``compact_bytes`` (the table as the compact export serves it, id remap included).
+
+Each phase works in ``out_dir/phases/<name>/`` and writes ``done.json`` (its metrics and wall time) when finished;
+a rerun with the same ``out_dir`` skips finished phases, resumes a training phase from its trainer checkpoint and
+the evolution from its last finished generation. The initial weights of all OptEmbed models (and of the uniform model's shared
 parameters) are saved once in ``out_dir/init_state.pt`` before the first phase.
 """
 from __future__ import annotations
@@ -83,9 +87,10 @@ class OptEmbedConfig:
     crossover_num: int = 10
     keep_num: int = 0
     m_prob: float = 0.1
+    top_k: int | None = None
     evo_seed: int = 0
     evo_batch_size: int = 4096
-    max_stack_rows: int = 65536
+    max_stack_rows: int | None = None
     measure_speedup: bool = True
     # retraining
     retrain_init: str = "lottery"
@@ -94,6 +99,7 @@ class OptEmbedConfig:
     retrain: bool = True
     ablations: bool = False
     ablation_supernets: str = "separate"
+    export: bool = True
 
     def __post_init__(self):
         if self.retrain_init not in RETRAIN_INITS:
@@ -138,7 +144,7 @@ class OptEmbedConfig:
     def evolution_config(self) -> EvolutionConfig:
         return EvolutionConfig(generations=self.generations, mutation_num=self.mutation_num,
                                crossover_num=self.crossover_num, keep_num=self.keep_num, m_prob=self.m_prob,
-                               seed=self.evo_seed, eval_batch_size=self.evo_batch_size,
+                               top_k=self.top_k, seed=self.evo_seed, eval_batch_size=self.evo_batch_size,
                                max_stack_rows=self.max_stack_rows)
 
 
@@ -387,6 +393,20 @@ class OptEmbedRun:
         if bad:
             raise RuntimeError(f"initial weights do not match the model: {bad}")
 
+    def compact_bytes(self, model) -> int:
+        """Embedding bytes of ``model`` as served by the compact export (kept rows at their field dims + id
+        remap + per-field offsets/dims, :class:`~optembed_ext.nn.compact.CompactEmbedding`); for a uniform table
+        the plain ``N x D`` table."""
+        from ..export import compact_from_model, uniform_memory_bytes
+
+        emb = model.embedding
+        if not isinstance(emb, OptEmbedEmbedding):
+            return int(uniform_memory_bytes(self.fmap, emb.embed_dim, emb.weight.dtype))
+        was_training = model.training
+        compact = compact_from_model(model.eval(), model_name=self.model_name, model_cfg=dict(self.config.model_cfg))
+        model.train(was_training)
+        return int(compact.embedding.memory_bytes())
+
     def _fit(self, name: str, model, epochs: int, callbacks=()) -> tuple[dict, float]:
         from ..train.trainer import Trainer
 
@@ -410,7 +430,7 @@ class OptEmbedRun:
         stats = embedding_stats(model.embedding)
         return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
                                   "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
-                                  "seconds": seconds, **stats})
+                                  "seconds": seconds, "compact_bytes": self.compact_bytes(model), **stats})
 
     def phase_supernet(self, name: str = "supernet", prune_rows: bool = True, sample_dims: bool = True) -> dict:
         info = self.done(name)
@@ -463,20 +483,25 @@ class OptEmbedRun:
                "best_generation": result["best_generation"], "generations": result["generations"],
                "candidates_evaluated": result["candidates_evaluated"], "search_seconds": result["seconds"],
                "history": result["history"]}
+        speedup_seconds = 0.0
         if self.config.measure_speedup:
+            t_sp = time.perf_counter()
             sp = measure_speedup(model, self.data.val, cfg.population_size, batch_size=cfg.eval_batch_size,
                                  max_stack_rows=cfg.max_stack_rows, seed=cfg.seed, device=self.device)
             out["speedup"] = sp
             self.log(f"[{name}] one generation ({sp['candidates']} candidates): batched {sp['batched_seconds']:.2f}s"
                      f" vs one at a time {sp['one_at_a_time_seconds']:.2f}s -> {sp['speedup']:.2f}x")
+            speedup_seconds = time.perf_counter() - t_sp
+            out["speedup_seconds"] = speedup_seconds
         # "Without retraining": the supernet's weights with (m_e, m_d*) applied, evaluated on test.
         emb.freeze(row_mask if use_row_mask else None, result["best_dims"])
         test = evaluate_model(model, self.data.test, self.config.eval_batch_size, self.device)
         val = evaluate_model(model, self.data.val, self.config.eval_batch_size, self.device)
         out["no_retrain"] = {"test_auc": test["auc"], "test_logloss": test["logloss"], "val_auc": val["auc"],
-                             **embedding_stats(emb)}
-        # Phase time = search time (accumulated over resumptions) + the speedup measurement and final evaluation.
-        out["seconds"] = result["seconds"] + (time.perf_counter() - t_after_search)
+                             "compact_bytes": self.compact_bytes(model), **embedding_stats(emb)}
+        # Phase time = search time (accumulated over resumptions) + the final evaluation; the speedup measurement
+        # (a diagnostic, not part of the method) is reported apart as speedup_seconds.
+        out["seconds"] = result["seconds"] + (time.perf_counter() - t_after_search) - speedup_seconds
         return self.finish(name, out)
 
     def phase_retrain(self, name: str, row_mask, field_dims) -> dict:
@@ -494,7 +519,33 @@ class OptEmbedRun:
         torch.save(model.state_dict(), self.phase_dir(name) / "model.pt")
         return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
                                   "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
-                                  "seconds": seconds, **embedding_stats(model.embedding)})
+                                  "seconds": seconds, "compact_bytes": self.compact_bytes(model),
+                                  **embedding_stats(model.embedding)})
+
+    def phase_export(self) -> dict:
+        """Compact export of the retrained model (``compact_model.pt``) and its size / latency next to the uniform
+        model's (``compact_model.pt.json``)."""
+        name = "export"
+        info = self.done(name)
+        if info is not None:
+            return info
+        from ..export import export_run
+
+        t0 = time.perf_counter()
+        path = export_run(self.out, batch_size=min(4096, self.config.eval_batch_size), repeats=5,
+                          device=str(self.device), log=None)
+        report = _read_json(path.with_name(path.name + ".json"))
+        mem = report.get("memory", {})
+        info = {"model": str(path), "file_bytes": report.get("file_bytes"),
+                "compact_bytes": mem.get("compact_bytes"), "uniform_bytes": mem.get("uniform_bytes"),
+                "compression_ratio": mem.get("compression_ratio"),
+                "max_abs_logit_diff_vs_masked": report.get("max_abs_logit_diff_vs_masked"),
+                "latency_ms": {k: v["median_ms"] for k, v in (report.get("latency") or {}).items()
+                               if isinstance(v, dict)},
+                "seconds": time.perf_counter() - t0}
+        self.log(f"[{name}] compact model {path}: {info['compact_bytes']} B embedding vs uniform "
+                 f"{info['uniform_bytes']} B")
+        return self.finish(name, info)
 
     def _row_mask_of(self, supernet: str) -> torch.Tensor:
         return torch.load(self.phase_dir(supernet) / "supernet.pt", map_location="cpu",
@@ -554,9 +605,16 @@ class OptEmbedRun:
         _write_json(self.out / "kept_rows.json", {n: {"kept": int(k), "total": int(t)} for n, k, t in
                                                   zip(self.fmap.field_names, sup["kept_rows_per_field"],
                                                       self.fmap.cardinalities)})
-        torch.save({"row_mask": m_e, "field_dims": [int(d) for d in m_d]}, self.out / "masks.pt")
+        masks = {"row_mask": m_e, "field_dims": [int(d) for d in m_d]}
+        if c.ablations:  # the masks of OptEmbed-E (rows only) and OptEmbed-D (dims only)
+            masks["row_mask_e"] = self._row_mask_of(sup_e)
+            masks["field_dims_d"] = [int(d) for d in evo_d["best_dims"]]
+        torch.save(masks, self.out / "masks.pt")
         if c.retrain:
             self._save_result(m_e, m_d, variants.get("optembed", {}))
+            if c.export:
+                phases["export"] = result["export"] = self.phase_export()
+                result["phase_seconds"]["export"] = float(phases["export"].get("seconds", 0.0))
         from .report import write_report
 
         result["report"] = str(write_report(self.out, result))
@@ -564,7 +622,7 @@ class OptEmbedRun:
         return result
 
     def _variant(self, info: dict, phase_names: list[str], phases: dict) -> dict:
-        keys = ("test_auc", "test_logloss", "val_auc", "params", "bytes", "sparsity")
+        keys = ("test_auc", "test_logloss", "val_auc", "params", "bytes", "compact_bytes", "sparsity")
         out = {k: info.get(k) for k in keys}
         out["phases"] = list(phase_names)
         out["seconds"] = float(sum(phases[p].get("seconds", 0.0) for p in phase_names if p in phases))

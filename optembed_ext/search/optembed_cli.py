@@ -85,7 +85,8 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict, OptEmbedConfig]:
         from ..train.config import load_yaml_config
 
         values.update({str(k).replace("-", "_"): v for k, v in load_yaml_config(args.config).items()})
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "func", "command")})
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("config", "func", "command", "log_level") and not k.startswith("_")})
     data = {k: values.pop(k, d) for k, d in DATA_OPTIONS.items()}
     names = {f.name for f in dataclasses.fields(OptEmbedConfig)}
     unknown = set(values) - names
@@ -124,16 +125,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from .. import export as export_mod
-    except ImportError as err:
-        raise RuntimeError(f"the compact export module is not available: {err}") from err
-    fn = getattr(export_mod, "export_run", None)
-    if fn is None:
-        raise RuntimeError("optembed_ext.export does not provide export_run(run_dir, out)")
-    out = fn(args.run, args.out) if args.out is not None else fn(args.run)
-    print(f"exported to {out}")
-    return 0
+    from ..export import export_main
+
+    return export_main(args)
 
 
 def register(subparsers) -> None:
@@ -143,9 +137,10 @@ def register(subparsers) -> None:
     add_search_arguments(p)
     p.set_defaults(func=cmd_search)
     e = subparsers.add_parser("export", help="export a finished OptEmbed run as a physically compact model")
+    from ..export import add_export_arguments
+
     e.add_argument("--config", default=None, help="unused (accepted for uniformity)")
-    e.add_argument("--run", required=True, help="run folder of a finished `optembed search`")
-    e.add_argument("--out", default=None, help="output file / folder")
+    add_export_arguments(e)
     e.set_defaults(func=cmd_export)
 
 

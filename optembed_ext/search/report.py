@@ -48,8 +48,9 @@ def render_markdown(result: dict) -> str:
                  f"evolution {cfg.get('generations')} generations of {cfg.get('mutation_num')} mutations + "
                  f"{cfg.get('crossover_num')} crossovers (+{cfg.get('keep_num')} kept), m_prob {cfg.get('m_prob')}.")
     lines += ["", "## Results (test split)", "",
-              "| model | AUC | dAUC vs original | logloss | sparsity | params | bytes | time (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | AUC | dAUC vs original | logloss | sparsity | params | bytes (masked) | bytes (compact) "
+              "| time (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for key in VARIANT_ORDER:
         v = variants.get(key)
         if not v:
@@ -59,8 +60,22 @@ def render_markdown(result: dict) -> str:
             dauc = v["test_auc"] - base["test_auc"]
         lines.append(f"| {VARIANT_LABELS[key]} | {_fmt(v.get('test_auc'), '.5f')} | {_fmt(dauc, '+.5f')} | "
                      f"{_fmt(v.get('test_logloss'), '.5f')} | {_fmt(v.get('sparsity'), '.4f')} | "
-                     f"{_fmt(v.get('params'), ',d')} | {_bytes(v.get('bytes'))} | {_fmt(v.get('seconds'), '.1f')} |")
-    lines += ["", "Time = wall time of the phases the variant needs (phases are shared between variants).", "",
+                     f"{_fmt(v.get('params'), ',d')} | {_bytes(v.get('bytes'))} | {_bytes(v.get('compact_bytes'))} | "
+                     f"{_fmt(v.get('seconds'), '.1f')} |")
+    lines += ["", "Time = wall time of the phases the variant needs (phases are shared between variants). "
+              "Bytes (masked) = kept rows x field dims x element size; bytes (compact) = the served compact table "
+              "(`optembed_ext.export`: packed kept rows + id remap + per-field offsets/dims; the plain N x D table "
+              "for the original model)."]
+    ex = result.get("export")
+    if ex:
+        lat = ex.get("latency_ms") or {}
+        text = (f"Compact export of OptEmbed: `{ex.get('model')}`, embedding {_bytes(ex.get('compact_bytes'))} vs "
+                f"uniform {_bytes(ex.get('uniform_bytes'))} ({_fmt(ex.get('compression_ratio'), '.2f')}x smaller), "
+                f"max |logit(compact) - logit(masked)| {_fmt(ex.get('max_abs_logit_diff_vs_masked'), '.2e')}")
+        if lat:
+            text += "; inference latency (median ms per batch): " + ", ".join(f"{k} {v:.3f}" for k, v in lat.items())
+        lines += ["", text + "."]
+    lines += ["",
               "## Wall time per phase", "", "| phase | seconds |", "|---|---|"]
     for name, sec in result.get("phase_seconds", {}).items():
         lines.append(f"| {name} | {sec:.1f} |")
@@ -71,7 +86,9 @@ def render_markdown(result: dict) -> str:
                  f"{evo.get('best_generation')} of {evo.get('generations')}; {evo.get('candidates_evaluated')} "
                  f"distinct candidates evaluated in {_fmt(evo.get('search_seconds'), '.1f')} s.")
     if sp:
-        lines.append(f"One generation ({sp['candidates']} candidates, {sp['samples']} validation samples): "
+        stack = (f", lookup batch {sp['batch_size']}, <= {sp['max_stack_rows']} stacked rows per backbone call"
+                 if "max_stack_rows" in sp else "")
+        lines.append(f"One generation ({sp['candidates']} candidates, {sp['samples']} validation samples{stack}): "
                      f"population-batched {sp['batched_seconds']:.3f} s vs one at a time "
                      f"{sp['one_at_a_time_seconds']:.3f} s: **{sp['speedup']:.2f}x** speedup "
                      f"(max |AUC difference| {sp['max_auc_diff']:.2e}).")
@@ -110,7 +127,13 @@ def plot(result: dict, path) -> Path:
     ax.set_title("test AUC")
     ax.tick_params(axis="x", rotation=20)
     ax = axes[0, 1]
-    ax.bar(labels, [variants[k].get("bytes") or 0 for k in keys], color="tab:orange")
+    xs = list(range(len(keys)))
+    ax.bar([x - 0.2 for x in xs], [variants[k].get("bytes") or 0 for k in keys], width=0.4, color="tab:orange",
+           label="masked (kept rows x dims)")
+    ax.bar([x + 0.2 for x in xs], [variants[k].get("compact_bytes") or 0 for k in keys], width=0.4,
+           color="tab:purple", label="compact export")
+    ax.set_xticks(xs, labels)
+    ax.legend(fontsize=8)
     ax.set_title("embedding bytes")
     ax.tick_params(axis="x", rotation=20)
     names = result.get("field_names", [])

@@ -41,7 +41,7 @@ def _arg_int_list(value: str) -> tuple[int, ...]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dataset --data-dir --cache-dir --min-count --split --data-seed --max-rows --num-samples``."""
+    """``--dataset --data-dir --cache-dir --min-count --split --data-seed --max-rows --strict --num-samples``."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", help="criteo, avazu, kdd12, movielens1m, movielens100k or synthetic (required)")
     g.add_argument("--data-dir", help="folder (or file) of the raw dataset")
@@ -51,6 +51,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="random", help="random or sequential train/val/test split")
     g.add_argument("--data-seed", type=int, default=2022, help="seed of the random split / synthetic data")
     g.add_argument("--max-rows", type=int, default=None, help="read at most this many raw rows")
+    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                   help="stop at the first malformed raw row instead of skipping and counting it")
     g.add_argument("--num-samples", type=int, default=None, help="synthetic dataset only: number of samples")
 
 
@@ -151,6 +153,7 @@ def load_data_from_args(args: argparse.Namespace, progress: bool | None = None):
 
     require(args, "dataset")
     kwargs = {"cache_dir": args.cache_dir, "split": args.split, "seed": args.data_seed, "max_rows": args.max_rows,
+              "strict": bool(getattr(args, "strict", False)),
               "progress": bool(getattr(args, "progress", True) if progress is None else progress)}
     if args.min_count is not None:
         kwargs["min_count"] = args.min_count
@@ -168,7 +171,10 @@ def start_run(args: argparse.Namespace, command: str) -> Path:
         name += f"-{args.model}"
     run_dir = make_run_dir(getattr(args, "out", None), name=name)
     save_yaml(run_dir / "config.yaml", {"command": command, **args_to_config(args)})
-    append_log(run_dir, f"optembed {command} {' '.join(sys.argv[1:]) if sys.argv else ''}".rstrip())
+    argv = getattr(args, "_argv", None)
+    if argv is None:
+        argv = sys.argv[1:]
+    append_log(run_dir, f"optembed {' '.join(str(a) for a in argv)}".rstrip())
     return run_dir
 
 
@@ -180,6 +186,14 @@ def dataset_summary(data) -> dict:
         split = getattr(data, name)
         summary[f"{name}_size"] = len(split)
         summary[f"{name}_positive_rate"] = float(split.y.mean()) if len(split) else float("nan")
+    info = getattr(data, "info", None) or {}
+    if "stats" in info:  # raw datasets: where the cache is and what preprocessing kept, filtered and skipped
+        stats = info["stats"]
+        summary["cache_path"] = info.get("cache_path")
+        summary["from_cache"] = info.get("from_cache")
+        summary["preprocessing"] = {k: stats[k] for k in ("rows_read", "rows_kept", "filtered", "blank_lines",
+                                                          "padded_rows", "malformed", "malformed_by_reason",
+                                                          "malformed_examples", "min_count") if k in stats}
     return summary
 
 
@@ -195,6 +209,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     msg = (f"{summary['dataset']}: {summary['num_fields']} fields, {summary['num_features']} features, "
            f"train/val/test {summary['train_size']}/{summary['val_size']}/{summary['test_size']} "
            f"({seconds:.1f}s)")
+    pre = summary.get("preprocessing")
+    if pre is not None:
+        msg += (f"; {pre.get('rows_read', 0)} rows read, {pre.get('filtered', 0)} filtered, "
+                f"{pre.get('malformed', 0)} malformed rows skipped")
     append_log(run_dir, msg)
     print(msg)
     print(f"run folder: {run_dir}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import logging
 import math
@@ -108,6 +109,41 @@ def _make_sgd(dense, sparse, config):
     return opts
 
 
+def _make_fused(kind: str) -> Callable[[list, list, TrainConfig], list]:
+    """Factory of ``fused_<kind>``: the sparse tables with :class:`optembed_ext.optim.FusedSparseOptimizer` (only
+    the touched rows are updated, O(B*F*D) per step), every other parameter with dense Adam."""
+
+    def make(dense, sparse, config):
+        from ..optim import make_fused_optimizer
+
+        opts = []
+        if dense:
+            opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
+        if sparse:
+            opts.append(make_fused_optimizer(kind, [{"params": g["params"], "lr": g["lr"],
+                                                     "weight_decay": g["weight_decay"]} for g in sparse]))
+        return opts
+
+    return make
+
+
+def _request_sparse_grad(emb: nn.Module) -> bool:
+    """Switch on sparse table gradients of ``emb`` when its class supports them (a ``sparse`` constructor argument
+    mirrored by the ``sparse_grad`` attribute, e.g. ``UniformEmbedding``, ``CompactEmbedding``). Returns whether
+    the table gradient is sparse now."""
+    if getattr(emb, "sparse_grad", False):
+        return True
+    supported = getattr(emb, "supports_sparse_grad", None)
+    if supported is None:
+        try:
+            supported = "sparse" in inspect.signature(type(emb).__init__).parameters
+        except (TypeError, ValueError):
+            supported = False
+    if supported:
+        emb.sparse_grad = True
+    return bool(supported)
+
+
 #: optimizer name -> factory(dense_groups, sparse_groups, config) -> list of torch optimizers. The sparse groups
 #: hold the parameters listed by ``embedding.sparse_parameters()`` (sparse COO gradients).
 OPTIMIZERS: dict[str, Callable[[list, list, TrainConfig], list]] = {
@@ -115,7 +151,13 @@ OPTIMIZERS: dict[str, Callable[[list, list, TrainConfig], list]] = {
     "sparse_adam": _make_adam,
     "adagrad": _make_adagrad,
     "sgd": _make_sgd,
+    "fused_sgd": _make_fused("sgd"),
+    "fused_adagrad": _make_fused("adagrad"),
+    "fused_adam": _make_fused("adam"),
 }
+
+#: optimizers for which the trainer switches on the embedding table's sparse gradient (when the module supports it)
+SPARSE_GRAD_OPTIMIZERS = frozenset({"fused_sgd", "fused_adagrad", "fused_adam"})
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -198,6 +240,9 @@ class Trainer:
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in emb_ids and id(p) not in seen]
         groups = emb_groups + ([{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}] if rest else [])
         groups += extra
+        if cfg.optimizer in SPARSE_GRAD_OPTIMIZERS and not _request_sparse_grad(emb):
+            logger.warning("%s: %s has no sparse gradient; its parameters use dense Adam", cfg.optimizer,
+                           type(emb).__name__)
         sparse_ids = {id(p) for p in emb.sparse_parameters()}
         dense_groups, sparse_groups = [], []
         for g in groups:
@@ -398,7 +443,9 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_begin(self)
             if resuming:
-                self.load_state_dict(load_checkpoint(path, map_location=self.device))
+                state = load_checkpoint(path, map_location=self.device)
+                self._check_resumable(state.get("config", {}))
+                self.load_state_dict(state)
                 self.log(f"resumed from {path} at epoch {self.epoch} step {self.step_in_epoch}")
                 if self.finished:
                     return self.result
@@ -408,6 +455,18 @@ class Trainer:
             while self.epoch < cfg.epochs and not self.stop_training:
                 self._run_epoch()
             return self._finish()
+
+    #: config fields that must match the checkpoint's for a resumed run to continue the same training
+    RESUME_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "momentum", "seed", "max_steps_per_epoch",
+                   "grad_clip")
+
+    def _check_resumable(self, saved: dict) -> None:
+        current = self.config.to_dict()
+        diff = [k for k in self.RESUME_KEYS if k in saved and saved[k] != current[k]]
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in diff)
+            raise ValueError(f"cannot resume from {self.checkpoint_path}: the training configuration differs "
+                             f"({detail}); use another run_dir or fit(resume=False)")
 
     def _run_epoch(self) -> None:
         cfg = self.config

@@ -1,0 +1,267 @@
+// sparse_row_update (CUDA): fused sparse optimizer step (sgd / row-wise adagrad / lazy adam) on the touched rows
+// of an embedding table, in place. Semantics and argument rules: csrc/sparse_row_update.cpp (the argument checks
+// are shared with the CPU kernel through sparse_row_update_check).
+//
+//   1. validation: one thread per position records the first out-of-range index in an error slot; the host reads
+//      it (one small synchronising copy) and raises naming `indices` BEFORE anything is updated, as on the CPU.
+//   2. stable sort of the indices (at::sort, cub radix sort): (row, position) pairs ordered by row then position.
+//   3. one group of G lanes per sorted slot (G = power of two covering the row's 16-byte units, at most a warp);
+//      the group at the head of each segment (= each distinct row) sums the segment's gradient rows in ascending
+//      position order in fp32 (fp64 for float64), adds weight decay, and applies the optimizer to the weight row
+//      and its state; every other group idles. A row is read and written exactly once per call, no atomics, so
+//      the result is deterministic. Row-wise adagrad reduces sum_j g[j]^2 across the group with warp shuffles and
+//      keeps g in registers when a lane owns a single unit of the row (recomputed otherwise).
+// Memory traffic: indices and grad_rows read once, each touched weight row (and its state) read and written once;
+// O(M * D), never O(N * D).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "common.cuh"
+
+namespace optembed {
+
+// Defined in csrc/sparse_row_update.cpp: the argument checks every backend shares.
+void sparse_row_update_check(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad_rows,
+                             const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
+                             const std::string& optimizer, double lr, double eps, double beta1, double beta2,
+                             double weight_decay, int64_t step);
+
+namespace cuda {
+namespace {
+
+enum class RowOptimizer { kSGD, kAdagrad, kAdam };
+
+RowOptimizer parse_optimizer(const std::string& name) {
+  if (name == "sgd") return RowOptimizer::kSGD;
+  if (name == "adagrad") return RowOptimizer::kAdagrad;
+  if (name == "adam") return RowOptimizer::kAdam;
+  TORCH_CHECK(false, "sparse_row_update: optimizer must be 'sgd', 'adagrad' or 'adam', got '", name, "'");
+}
+
+__global__ void validate_indices_kernel(const int64_t* __restrict__ indices, int64_t M, int64_t N,
+                                        int64_t* __restrict__ errors) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= M) return;
+  const int64_t r = indices[i];
+  if (r < 0 || r >= N) record_error(errors, i);
+}
+
+template <typename A>
+struct Hyper {
+  A lr, eps, beta1, beta2, wd;
+  A step_size;     // adam: lr / (1 - beta1^t)
+  A inv_sqrt_bc2;  // adam: 1 / sqrt(1 - beta2^t)
+  bool has_wd;
+};
+
+// g = sum over the segment [s, e) of grad rows (ascending position) + wd * w, for the unit starting at j0.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void segment_grad(const scalar_t* __restrict__ grad, const int64_t* __restrict__ order,
+                                             const scalar_t* __restrict__ wrow, int64_t s, int64_t e, int64_t D,
+                                             int64_t j0, const Hyper<acc_t>& h, acc_t (&g)[VEC]) {
+  load_vec<VEC>(grad + order[s] * D + j0, g);
+  for (int64_t t = s + 1; t < e; ++t) {
+    acc_t c[VEC];
+    load_vec<VEC>(grad + order[t] * D + j0, c);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] += c[k];
+  }
+  if (h.has_wd) {
+    acc_t w[VEC];
+    load_vec<VEC>(wrow + j0, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] += h.wd * w[k];
+  }
+}
+
+template <typename scalar_t, RowOptimizer OPT, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
+    scalar_t* __restrict__ weight, const scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ state1,
+    at::opmath_type<scalar_t>* __restrict__ state2, const int64_t* __restrict__ sorted_rows,
+    const int64_t* __restrict__ order, int64_t M, int64_t D, const Hyper<at::opmath_type<scalar_t>> h, int G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  const bool head = i < M && (i == 0 || sorted_rows[i - 1] != sorted_rows[i]);
+  int64_t r = 0, end = i + 1;
+  if (head) {
+    r = sorted_rows[i];
+    while (end < M && sorted_rows[end] == r) ++end;
+  }
+  scalar_t* wrow = weight + r * D;
+  const int64_t units = D / VEC;
+
+  if constexpr (OPT == RowOptimizer::kAdagrad) {
+    // Pass 1: sum_j g[j]^2 over the row (every lane of the warp reaches the shuffles below).
+    const bool cached = units <= G;  // each lane owns at most one unit: keep its g in registers
+    acc_t gc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) gc[k] = acc_t(0);
+    acc_t sq = acc_t(0);
+    if (head) {
+      for (int64_t u = lane; u < units; u += G) {
+        acc_t g[VEC];
+        segment_grad<VEC>(grad, order, wrow, i, end, D, u * VEC, h, g);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          sq += g[k] * g[k];
+          gc[k] = g[k];
+        }
+      }
+    }
+    sq = group_sum(sq, G);
+    // state1[r] is read and written by lane 0 only; the other lanes get the new value by shuffle.
+    acc_t acc = acc_t(0);
+    if (head && lane == 0) {
+      acc = state1[r] + sq / static_cast<acc_t>(D);
+      state1[r] = acc;
+    }
+    acc = __shfl_sync(0xffffffffu, acc, 0, G);
+    if (!head) return;
+    const acc_t mult = h.lr / (acc_sqrt(acc) + h.eps);
+    for (int64_t u = lane; u < units; u += G) {
+      const int64_t j0 = u * VEC;
+      acc_t g[VEC], w[VEC];
+      if (cached) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) g[k] = gc[k];
+      } else {
+        segment_grad<VEC>(grad, order, wrow, i, end, D, j0, h, g);
+      }
+      load_vec<VEC>(wrow + j0, w);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) w[k] -= mult * g[k];
+      store_vec<VEC>(wrow + j0, w);
+    }
+  } else {
+    if (!head) return;  // no shuffles on this path
+    for (int64_t u = lane; u < units; u += G) {
+      const int64_t j0 = u * VEC;
+      acc_t g[VEC], w[VEC];
+      segment_grad<VEC>(grad, order, wrow, i, end, D, j0, h, g);
+      load_vec<VEC>(wrow + j0, w);
+      if constexpr (OPT == RowOptimizer::kSGD) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) w[k] -= h.lr * g[k];
+      } else {
+        acc_t* mrow = state1 + r * D + j0;
+        acc_t* vrow = state2 + r * D + j0;
+        acc_t m[VEC], v[VEC];
+        load_vec<VEC>(mrow, m);
+        load_vec<VEC>(vrow, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          m[k] = h.beta1 * m[k] + (acc_t(1) - h.beta1) * g[k];
+          v[k] = h.beta2 * v[k] + (acc_t(1) - h.beta2) * g[k] * g[k];
+          const acc_t denom = acc_sqrt(v[k]) * h.inv_sqrt_bc2 + h.eps;
+          w[k] -= h.step_size * m[k] / denom;
+        }
+        store_vec<VEC>(mrow, m);
+        store_vec<VEC>(vrow, v);
+      }
+      store_vec<VEC>(wrow + j0, w);
+    }
+  }
+}
+
+void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const at::Tensor& grad_rows,
+                            c10::optional<at::Tensor> state1, c10::optional<at::Tensor> state2,
+                            c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2,
+                            double weight_decay, int64_t step) {
+  const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
+  sparse_row_update_check(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2, weight_decay,
+                          step);
+  const RowOptimizer opt = parse_optimizer(optimizer);
+  const int64_t N = weight.size(0), D = weight.size(1), M = indices.size(0);
+  if (M == 0 || D == 0) return;
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor idx = indices.to(at::kLong).contiguous();
+
+  // 1. validate before touching anything
+  {
+    at::Tensor errors = make_error_slots(1, weight);
+    validate_indices_kernel<<<static_cast<unsigned>(ceil_div(M, kBlockThreads)), kBlockThreads, 0, stream>>>(
+        idx.const_data_ptr<int64_t>(), M, N, errors.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t bad = read_error_slots(errors)[0];
+    if (bad != kNoError) {
+      const int64_t r = idx.select(0, bad).item<int64_t>();
+      TORCH_CHECK(false, "sparse_row_update: indices[", bad, "] = ", r, " is out of range [0, ", N,
+                  ") for weight with ", N, " rows");
+    }
+  }
+
+  // 2. (row, position) pairs sorted by row, positions ascending within a row
+  const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& sorted_rows = std::get<0>(sorted);
+  const at::Tensor& order = std::get<1>(sorted);
+  const at::Tensor grad = grad_rows.contiguous();
+
+  // 3. one group per sorted slot, the segment heads update their row
+  OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "sparse_row_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Hyper<acc_t> h{};
+    h.lr = static_cast<acc_t>(lr);
+    h.eps = static_cast<acc_t>(eps);
+    h.beta1 = static_cast<acc_t>(beta1);
+    h.beta2 = static_cast<acc_t>(beta2);
+    h.wd = static_cast<acc_t>(weight_decay);
+    h.has_wd = weight_decay != 0.0;
+    h.step_size = h.lr;
+    h.inv_sqrt_bc2 = acc_t(1);
+    if (opt == RowOptimizer::kAdam) {
+      const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+      const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+      h.step_size = static_cast<acc_t>(lr / bc1);
+      h.inv_sqrt_bc2 = static_cast<acc_t>(1.0 / std::sqrt(bc2));
+    }
+    acc_t* s1 = (state1.has_value() && state1->defined()) ? state1->mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* s2 = (state2.has_value() && state2->defined()) ? state2->mutable_data_ptr<acc_t>() : nullptr;
+    constexpr int kVec = vec_width<scalar_t>();
+    const bool vec_ok = D % kVec == 0 && aligned16(weight.const_data_ptr()) && aligned16(grad.const_data_ptr()) &&
+                        (opt != RowOptimizer::kAdam ||
+                         (aligned_to(s1, kVec * sizeof(acc_t)) && aligned_to(s2, kVec * sizeof(acc_t))));
+    auto launch = [&](auto opt_tag) {
+      constexpr RowOptimizer kOpt = decltype(opt_tag)::value;
+      OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
+        constexpr int V = kVecOk ? kVec : 1;
+        const GroupLaunch L = group_launch(M, D, V, "sparse_row_update");
+        sparse_row_update_kernel<scalar_t, kOpt, V><<<L.blocks, kBlockThreads, 0, stream>>>(
+            weight.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), s1, s2,
+            sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M, D, h, L.G);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    switch (opt) {
+      case RowOptimizer::kSGD:
+        launch(std::integral_constant<RowOptimizer, RowOptimizer::kSGD>{});
+        break;
+      case RowOptimizer::kAdagrad:
+        launch(std::integral_constant<RowOptimizer, RowOptimizer::kAdagrad>{});
+        break;
+      case RowOptimizer::kAdam:
+        launch(std::integral_constant<RowOptimizer, RowOptimizer::kAdam>{});
+        break;
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace optembed
+
+TORCH_LIBRARY_IMPL(optembed, CUDA, m) {
+  m.impl("sparse_row_update", &optembed::cuda::sparse_row_update_cuda);
+}

@@ -1,0 +1,154 @@
+"""The ``optembed`` command line, run in-process through ``optembed_ext.cli.main`` on tiny data."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from optembed_ext import cli
+from optembed_ext.models import MODELS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["--dataset", "synthetic", "--num-samples", "1500", "--embed-dim", "4", "--mlp-dims", "8",
+        "--cross-layers", "1", "--attention-layers", "1", "--epochs", "2", "--batch-size", "256", "--no-progress"]
+
+
+def read_run(out: Path):
+    for name in ("config.yaml", "metrics.json", "log.txt"):
+        assert (out / name).is_file(), f"{name} missing from the run folder"
+    return yaml.safe_load((out / "config.yaml").read_text()), json.loads((out / "metrics.json").read_text())
+
+
+def criteo_file(path: Path, n=120, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            ints = [rng.choice(["", "0", "5", "70"]) for _ in range(13)]
+            cats = [rng.choice(["", f"{c}a", f"{c}b", f"{c}x{i}"]) for c in range(26)]
+            f.write("\t".join([str(int(rng.random() < 0.3))] + ints + cats) + "\n")
+    return path
+
+
+def test_subcommands_are_registered():
+    parser = cli.build_parser()
+    names = set(cli._subparsers_action(parser).choices)
+    assert {"preprocess", "train"} <= names
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--version"])
+    assert err.value.code == 0
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "optembed_ext", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--embed-dim" in done.stdout and "--config" in done.stdout
+
+
+def test_a_listed_module_that_fails_to_import_is_an_error(monkeypatch):
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("optembed_ext.train.cli", "optembed_ext.search.no_such_module"))
+    with pytest.raises(ImportError, match="no_such_module"):
+        cli.build_parser()
+
+
+def test_preprocess_writes_cache_and_run_folder(tmp_path, capsys):
+    raw = criteo_file(tmp_path / "train.txt")
+    with open(raw, "a") as f:
+        f.write("1\tnot-a-number" + "\t" * 38 + "\n")  # one malformed row (I1), skipped and reported
+    cache = tmp_path / "cache"
+    argv = ["preprocess", "--dataset", "criteo", "--data-dir", str(raw), "--cache-dir", str(cache), "--min-count",
+            "2", "--no-progress"]
+    with pytest.raises(ValueError, match="line 121, column 2 \\(I1\\)"):
+        cli.main(argv + ["--strict", "--out", str(tmp_path / "p0")])
+    with pytest.warns(UserWarning, match="skipped 1 malformed rows of 121"):
+        assert cli.main(argv + ["--out", str(tmp_path / "p1")]) == 0
+    config, metrics = read_run(tmp_path / "p1")
+    assert config["command"] == "preprocess" and config["min-count"] == 2 and config["dataset"] == "criteo"
+    assert metrics["num_fields"] == 39 and metrics["train_size"] + metrics["val_size"] + metrics["test_size"] == 120
+    assert (metrics["train_size"], metrics["val_size"]) == (96, 12)
+    pre = metrics["preprocessing"]
+    assert pre["rows_read"] == 121 and pre["malformed"] == 1 and pre["malformed_examples"][0]["line"] == 121
+    assert metrics["from_cache"] is False
+    assert len([p for p in cache.iterdir()]) == 1
+    assert "optembed preprocess --dataset criteo" in (tmp_path / "p1" / "log.txt").read_text()
+    # the second run reuses the cache
+    assert cli.main(argv + ["--out", str(tmp_path / "p2")]) == 0
+    assert len([p for p in cache.iterdir()]) == 1
+    assert read_run(tmp_path / "p2")[1]["from_cache"] is True
+    out = capsys.readouterr().out
+    assert "39 fields" in out and "1 malformed rows skipped" in out
+
+
+def test_train_flags_then_rerun_from_written_config(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--model", "deepfm", "--out", str(out)]) == 0
+    config, metrics = read_run(out)
+    assert config["model"] == "deepfm" and config["embed-dim"] == 4 and config["mlp-dims"] == [8]
+    assert metrics["model"] == "deepfm" and metrics["epochs_run"] == 2 and 0.5 < metrics["test_auc"] <= 1.0
+    assert metrics["num_params"] == metrics["num_features"] * 4
+    assert "finished" in (out / "log.txt").read_text() and (out / "checkpoint.pt").is_file()
+    # the written config.yaml reproduces the run (same seeds -> same metrics)
+    again = tmp_path / "again"
+    assert cli.main(["train", "--config", str(out / "config.yaml"), "--out", str(again), "--no-resume"]) == 0
+    _, metrics2 = read_run(again)
+    assert metrics2["test_auc"] == metrics["test_auc"] and metrics2["test_logloss"] == metrics["test_logloss"]
+
+
+def test_yaml_config_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    # "1e-3" and "8,4" stay strings in YAML; they are converted like command-line values
+    cfg.write_text("dataset: synthetic\nnum-samples: 1200\nmodel: fnn\nembed_dim: 4\nmlp-dims: '8,4'\n"
+                   "lr: 1e-3\nepochs: 3\nbatch-size: 256\nprogress: false\n")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(cfg), "--epochs", "1", "--out", str(out)]) == 0
+    config, metrics = read_run(out)
+    assert config["epochs"] == 1 and metrics["epochs_run"] == 1  # the command line wins
+    assert config["lr"] == 1e-3 and config["mlp-dims"] == [8, 4] and config["model"] == "fnn"
+    assert config["embed-dim"] == 4
+
+
+def test_bad_usage_is_reported(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("dataset: synthetic\nembed-dimension: 4\n")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "x")])
+    assert err.value.code == 2 and "embed-dimension" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--dataset"):
+        cli.main(["train", "--out", str(tmp_path / "y"), "--no-progress"])
+    with pytest.raises(SystemExit, match="--model"):
+        cli.main(["train", *TINY, "--model", "lr", "--out", str(tmp_path / "z")])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert cli.main([]) == 2  # no subcommand: help and a usage error status
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_trains_end_to_end(tmp_path, model):
+    out = tmp_path / model
+    assert cli.main(["train", *TINY, "--epochs", "1", "--model", model, "--out", str(out)]) == 0
+    _, metrics = read_run(out)
+    assert metrics["model"] == model and metrics["epochs_run"] == 1
+
+
+def test_example_configs_parse():
+    files = sorted(CONFIGS.glob("train_*.yaml")) + sorted(CONFIGS.glob("preprocess_*.yaml"))
+    assert any(f.name == "train_synthetic_tiny.yaml" for f in files)
+    for path in files:
+        command = path.name.split("_")[0]
+        argv = [command, "--config", str(path)]
+        parser = cli.build_parser()
+        cli._apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
+        values = yaml.safe_load(path.read_text())
+        assert args.dataset == values["dataset"], path.name
+        if command == "train":
+            assert args.model in MODELS and args.epochs == values["epochs"], path.name
+
+
+def test_tiny_example_config_runs(tmp_path):
+    out = tmp_path / "tiny"
+    assert cli.main(["train", "--config", str(CONFIGS / "train_synthetic_tiny.yaml"), "--out", str(out)]) == 0
+    _, metrics = read_run(out)
+    assert metrics["test_auc"] > 0.55

@@ -1,0 +1,97 @@
+"""Comparison harness and the baseline subcommands: tiny end-to-end runs that write the table and the plot."""
+import json
+import math
+
+import pytest
+import yaml
+
+from optembed_ext.cli import main
+from optembed_ext.search.compare import CompareConfig, collect_rows, format_table, pareto_front, run_compare
+
+TINY = {"datasets": ["synthetic-tiny"], "models": ["deepfm"], "embed_dim": 4, "epochs": 1, "batch_size": 256,
+        "mlp_dims": [8], "uniform_dims": [2, 4], "synthetic_samples": 1500,
+        "pep": {"threshold_init": -4.0, "threshold_lr": 0.05, "target_sparsities": [0.3]},
+        "autodim": {"candidates": [2, 4]}, "qr": {"collisions": [2]}, "autofield": {"keep": 3},
+        "optembed": {"generations": 1, "mutation_num": 2, "crossover_num": 2, "keep_num": 2,
+                     "measure_speedup": False}}
+
+
+def test_pareto_front():
+    pts = [(100, 0.70), (50, 0.72), (200, 0.71), (400, 0.75), (50, 0.60), (float("nan"), 0.9)]
+    assert pareto_front(pts) == [1, 3]
+    assert pareto_front([]) == []
+
+
+def test_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="methods"):
+        CompareConfig(methods=["uniform", "magic"])
+    with pytest.raises(ValueError, match="models"):
+        CompareConfig(models=["xgboost"])
+    with pytest.raises(ValueError, match="unknown PEP option"):
+        CompareConfig.from_dict({"pep": {"thresh": 1}})
+    assert CompareConfig.from_dict({"pep_threshold_init": -3.0}).pep == {"threshold_init": -3.0}
+
+
+def test_harness_writes_table_and_plot(tmp_path):
+    methods = ["uniform", "pep", "autodim", "qr", "autofield", "optembed"]
+    config = CompareConfig.from_dict({**TINY, "methods": methods})
+    rows = run_compare(config, out=tmp_path)
+    for name in ("table.md", "results.csv", "results.json", "pareto.png", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {r["method"] for r in rows} == set(methods)
+    assert all(r["dataset"] == "synthetic-tiny" and r["seed"] == config.seed for r in rows)
+    uniform = {r["variant"]: r for r in rows if r["method"] == "uniform"}
+    n = sum(r["num_params"] for r in uniform.values()) // (2 + 4)  # num_features
+    assert uniform["D2"]["num_params"] == 2 * n and uniform["D4"]["num_params"] == 4 * n
+    for r in rows:
+        assert 0.0 <= r["auc"] <= 1.0 and math.isfinite(r["logloss"]), r
+        assert r["num_params"] > 0 and r["train_seconds"] >= 0
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| synthetic-tiny | deepfm |") == len(rows)
+    for m in methods:
+        assert f"| {m} |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    # the table is rebuilt from the run folders; a rerun reuses the complete method folders
+    assert collect_rows(tmp_path) == rows
+    mtime = (tmp_path / "synthetic-tiny" / "deepfm" / "qr" / "metrics.json").stat().st_mtime_ns
+    assert run_compare(config, out=tmp_path) == rows
+    assert (tmp_path / "synthetic-tiny" / "deepfm" / "qr" / "metrics.json").stat().st_mtime_ns == mtime
+    assert format_table(rows).splitlines()[0].startswith("| Dataset | Model | Method")
+
+
+def _check_run_folder(path):
+    for name in ("config.yaml", "metrics.json", "log.txt"):
+        assert (path / name).stat().st_size > 0, name
+
+
+def test_compare_subcommand_with_config_file(tmp_path, capsys):
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "methods": ["uniform", "qr"]}))
+    out = tmp_path / "run"
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--epochs", "1"]) == 0
+    _check_run_folder(out)
+    assert (out / "table.md").exists() and (out / "pareto.png").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {r["method"] for r in metrics["rows"]} == {"uniform", "qr"}
+    assert "| qr |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,options", [
+    ("pep", ["--threshold-init", "-4", "--threshold-lr", "0.05", "--target-sparsities", "0.2"]),
+    ("autodim", ["--candidates", "2,4", "--autodim-batch-norm", "false"]),
+    ("qr", ["--collisions", "2,3", "--operation", "concat"]),
+    ("autofield", ["--keep", "2"]),
+])
+def test_method_subcommands_write_run_folders(tmp_path, command, options):
+    out = tmp_path / command
+    common = ["--dataset", "synthetic-tiny", "--num-samples", "1200", "--model", "fm", "--embed-dim", "4",
+              "--epochs", "1", "--batch-size", "256", "--no-progress", "--out", str(out)]
+    assert main([command] + common + options) == 0
+    _check_run_folder(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == command and metrics["rows"], metrics
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["command"] == command and saved["embed-dim"] == 4
+    # the saved config.yaml reruns the same command (a finished run folder resumes)
+    assert main([command, "--config", str(out / "config.yaml")]) == 0
