@@ -41,7 +41,12 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace optembed {
 namespace {
@@ -166,6 +171,10 @@ inline int64_t grain_for(int64_t D) {
 }
 
 // ---- forward ------------------------------------------------------------------------------------------------------
+// Lookups ahead whose table row is prefetched: the row reads are random and latency-bound, so the loop keeps several
+// misses in flight instead of waiting for one row at a time.
+constexpr int64_t kRowPrefetchDistance = 8;
+
 template <typename scalar_t, typename index_t, int P, bool kThr>
 void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const index_t* __restrict__ idx,
                     const at::opmath_type<scalar_t>* __restrict__ thr, const int64_t* __restrict__ dims,
@@ -173,10 +182,20 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
                     at::opmath_type<scalar_t>* __restrict__ norm) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t F = pr.F, D = pr.D, N = pr.N;
-  const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
-  at::parallel_for(0, pr.B * F, grain_for(D), [&](int64_t begin, int64_t end) {
-    for (int64_t pos = begin; pos < end; ++pos) {
-      const int64_t f = pos % F;
+  const int64_t L = pr.B * F;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  at::parallel_for(0, L, grain_for(D), [&](int64_t begin, int64_t end) {
+    const int64_t pf_end = std::min(end, begin + kRowPrefetchDistance);
+    for (int64_t q = begin; q < pf_end; ++q) {
+      const int64_t r = static_cast<int64_t>(idx[q]);
+      if (r >= 0 && r < N) prefetch_row(w + r * D, row_bytes, false);
+    }
+    int64_t f = begin % F;
+    for (int64_t pos = begin; pos < end; ++pos, f = (f + 1 == F ? 0 : f + 1)) {
+      if (pos + kRowPrefetchDistance < end) {
+        const int64_t rn = static_cast<int64_t>(idx[pos + kRowPrefetchDistance]);
+        if (rn >= 0 && rn < N) prefetch_row(w + rn * D, row_bytes, false);
+      }
       const int64_t r = static_cast<int64_t>(idx[pos]);
       if (check && (r < 0 || r >= N)) raise_bad_index(pos, F, r, N);
       int64_t k = D;
@@ -192,10 +211,10 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
       scalar_t* o = out + pos * D;
       const scalar_t* src = m ? row : (oov != nullptr ? oov + f * D : nullptr);
       if (src != nullptr) {
-        std::memcpy(o, src, static_cast<size_t>(k) * sizeof(scalar_t));
-        if (k < D) std::memset(o + k, 0, static_cast<size_t>(D - k) * sizeof(scalar_t));
+        for (int64_t j = 0; j < k; ++j) o[j] = src[j];
+        for (int64_t j = k; j < D; ++j) o[j] = scalar_t(0);
       } else {
-        std::memset(o, 0, row_bytes);
+        for (int64_t j = 0; j < D; ++j) o[j] = scalar_t(0);
       }
     }
   });
@@ -285,6 +304,30 @@ inline void store_row(scalar_t* __restrict__ dst, const acc_t* __restrict__ src,
   for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(src[j]);
 }
 
+// store_row for an output that is written once and not read back soon (per-lookup gradient rows, B*F*D elements,
+// larger than the caches): float rows go out with non-temporal stores, which skip reading each destination line
+// into the cache first (a third less memory traffic for the write). Call stream_fence() after the last one.
+template <typename scalar_t, typename acc_t>
+inline void store_row_stream(scalar_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t D) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+      int64_t j = 0;
+      for (; j + 4 <= D; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
+      for (; j < D; ++j) dst[j] = src[j];
+      return;
+    }
+  }
+#endif
+  store_row(dst, src, D);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 struct BackwardPtrs {
   const void* g;
   const void* w;
@@ -306,9 +349,18 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
   const auto* thr = static_cast<const acc_t*>(ptr.thr);
   const auto* oov = static_cast<const scalar_t*>(ptr.oov);
   const int64_t F = pr.F, D = pr.D, N = pr.N;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   at::parallel_for(0, pr.B * F, grain_for(D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
+    for (int64_t q = begin; q < std::min(end, begin + kRowPrefetchDistance); ++q) {
+      const int64_t r = static_cast<int64_t>(idx[q]);
+      if (r >= 0 && r < N) prefetch_row(w + r * D, row_bytes, false);
+    }
     for (int64_t pos = begin; pos < end; ++pos) {
+      if (pos + kRowPrefetchDistance < end) {
+        const int64_t rn = static_cast<int64_t>(idx[pos + kRowPrefetchDistance]);
+        if (rn >= 0 && rn < N) prefetch_row(w + rn * D, row_bytes, false);
+      }
       const int64_t f = pos % F;
       const int64_t r = static_cast<int64_t>(idx[pos]);
       if (r < 0 || r >= N) raise_bad_index(pos, F, r, N);
@@ -324,8 +376,9 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
         sh_buf[pos] = sh;
         add_norm_term<P>(w + r * D, D, sh, norm[pos], acc.data());
       }
-      store_row(rows + pos * D, acc.data(), D);
+      store_row_stream(rows + pos * D, acc.data(), D);
     }
+    stream_fence();
   });
 }
 
@@ -397,11 +450,21 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
 
   const int64_t* key = keys.data();
   const int32_t* ord = order.data();
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  // Prefetch for sorted lookup q: its grad_out row (random order), its table row and gradient row (ascending).
+  auto prefetch_lookup = [&](int64_t q) {
+    prefetch_row(g + static_cast<int64_t>(ord[q]) * D, row_bytes, false);
+    if (q == 0 || key[q] != key[q - 1]) {
+      prefetch_row(w + key[q] * D, row_bytes, false);
+      prefetch_row(gw + key[q] * D, row_bytes, true);
+    }
+  };
   at::parallel_for(0, L, grain_for(D), [&](int64_t q0, int64_t q1) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
     // this chunk owns the rows whose first sorted lookup lies in [q0, q1)
     int64_t q = q0;
     while (q > 0 && q < q1 && key[q] == key[q - 1]) ++q;
+    for (int64_t p = q; p < std::min(L, q + kRowPrefetchDistance); ++p) prefetch_lookup(p);
     while (q < q1) {
       const int64_t r = key[q];
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -409,6 +472,7 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
       acc_t sh_sum = 0;  // sum of s * H over the row's lookups (every lookup of a row has the same norm)
       const acc_t n = norm[ord[q]];
       for (; q < L && key[q] == r; ++q) {
+        if (q + kRowPrefetchDistance < L) prefetch_lookup(q + kRowPrefetchDistance);
         const int64_t pos = ord[q];
         const int64_t f = pos % F;
         const int64_t k = ptr.dims != nullptr ? ptr.dims[(pos / F) * pr.dims_bstride + f] : D;

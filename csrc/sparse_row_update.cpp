@@ -129,23 +129,8 @@ void sort_positions_by_row(const index_t* idx, int64_t M, int64_t N, std::vector
   }
 }
 
-// Software prefetch of a row of `bytes` bytes (the random row accesses are latency-bound without it).
-inline void prefetch_row(const void* p, int64_t bytes, bool for_write) {
-#if defined(__GNUC__)
-  const char* c = static_cast<const char*>(p);
-  if (for_write) {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
-  } else {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-  }
-#else
-  (void)p;
-  (void)bytes;
-  (void)for_write;
-#endif
-}
-
-constexpr int64_t kPrefetchDistance = 8;  // distinct rows ahead
+constexpr int64_t kPrefetchDistance = 8;       // distinct rows ahead
+constexpr int64_t kGradPrefetchDistance = 12;  // sorted gradient rows ahead
 
 template <typename scalar_t, RowOptimizer kOpt>
 void apply_updates(scalar_t* w, const scalar_t* grad, at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2,
@@ -172,27 +157,34 @@ void apply_updates(scalar_t* w, const scalar_t* grad, at::opmath_type<scalar_t>*
     acc_t* t = tmp.data();
     const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t state_bytes = D * static_cast<int64_t>(sizeof(acc_t));
+    // Prefetch: the weight row (and state) of the distinct row kPrefetchDistance segments ahead, and the gradient
+    // row kGradPrefetchDistance sorted positions ahead (a hot row's positions are scattered over grad_rows).
     auto prefetch_segment = [&](int64_t u) {
-      const int64_t s = seg_start[u], e = seg_start[u + 1];
-      const int64_t r = keys[s];
+      const int64_t r = keys[seg_start[u]];
       prefetch_row(w + r * D, row_bytes, true);
-      for (int64_t k = s; k < e && k < s + 4; ++k) prefetch_row(grad + order[k] * D, row_bytes, false);
       if constexpr (kOpt == RowOptimizer::kAdagrad) prefetch_row(s1 + r, 1, true);
       if constexpr (kOpt == RowOptimizer::kAdam) {
         prefetch_row(s1 + r * D, state_bytes, true);
         prefetch_row(s2 + r * D, state_bytes, true);
       }
     };
+    const int64_t q_end = seg_start[end];
+    auto prefetch_grad = [&](int64_t q) {
+      if (q < q_end) prefetch_row(grad + order[q] * D, row_bytes, false);
+    };
     for (int64_t u = begin; u < std::min(end, begin + kPrefetchDistance); ++u) prefetch_segment(u);
+    for (int64_t q = seg_start[begin]; q < seg_start[begin] + kGradPrefetchDistance; ++q) prefetch_grad(q);
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchDistance < end) prefetch_segment(u + kPrefetchDistance);
       const int64_t s = seg_start[u], e = seg_start[u + 1];
       const int64_t r = keys[s];
       scalar_t* wr = w + r * D;
       {  // g = sum of this row's gradient rows, ascending position
+        prefetch_grad(s + kGradPrefetchDistance);
         const scalar_t* g0 = grad + order[s] * D;
         for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(g0[j]);
         for (int64_t k = s + 1; k < e; ++k) {
+          prefetch_grad(k + kGradPrefetchDistance);
           const scalar_t* gk = grad + order[k] * D;
           for (int64_t j = 0; j < D; ++j) g[j] += static_cast<acc_t>(gk[j]);
         }

@@ -10,8 +10,10 @@ Public functions (same names and signatures in :mod:`optembed_ext.reference`, th
 
 Every op validates its arguments in Python (raising ``TypeError``/``ValueError`` that names the argument) and
 dispatches through the torch dispatcher to the compiled CPU/CUDA kernels. Checks that need the data (index
-ranges with ``check_indices=True``, ``dims`` ranges, NaN thresholds) happen inside the kernels without a device
-synchronisation and surface as ``IndexError``/``ValueError`` naming the argument.
+ranges with ``check_indices=True``, ``dims`` ranges, NaN thresholds) happen inside the kernels' main pass (no
+extra pass over the data) and surface as ``IndexError``/``ValueError`` naming the argument. On CUDA the kernel
+records the first bad position in a device flag that the host reads after the launch, so a checked call
+synchronises with the device once; ``check_indices=False`` skips the checks and the synchronisation.
 
 The compiled ops have ``torch.library.register_fake`` kernels (``torch.compile(fullgraph=True)`` traces through
 them) and ``torch.library.register_autograd`` formulas whose backward calls the matching ``*_backward`` op.

@@ -152,3 +152,26 @@ def test_tiny_example_config_runs(tmp_path):
     assert cli.main(["train", "--config", str(CONFIGS / "train_synthetic_tiny.yaml"), "--out", str(out)]) == 0
     _, metrics = read_run(out)
     assert metrics["test_auc"] > 0.55
+
+
+def test_search_and_compare_example_configs_parse():
+    from optembed_ext.search.compare import CompareConfig
+
+    compare_files = sorted(CONFIGS.glob("compare_*.yaml"))
+    assert compare_files
+    for path in compare_files:
+        config = CompareConfig.from_yaml(path)
+        values = yaml.safe_load(path.read_text())
+        assert list(config.methods) == values["methods"], path.name
+        argv = ["compare", "--config", str(path)]
+        parser = cli.build_parser()
+        cli._apply_config_file(parser, argv)
+        parser.parse_args(argv)
+    search_files = sorted(CONFIGS.glob("optembed_*.yaml"))
+    assert search_files
+    for path in search_files:
+        argv = ["search", "--config", str(path)]
+        parser = cli.build_parser()
+        cli._apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
+        assert args.model in MODELS, path.name

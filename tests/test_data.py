@@ -558,6 +558,64 @@ def test_synthetic_planted_signal():
         make_synthetic(num_samples=0)
 
 
+def _first_order_auc(data):
+    """Test AUC of a one-hot logistic regression: the best a model without feature interactions does."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import OneHotEncoder
+
+    enc = OneHotEncoder(handle_unknown="ignore").fit(data.train.X)
+    lr = LogisticRegression(C=1.0, max_iter=500).fit(enc.transform(data.train.X), data.train.y)
+    return roc_auc_score(data.test.y, lr.decision_function(enc.transform(data.test.X)))
+
+
+def test_synthetic_pairwise_interactions():
+    from sklearn.metrics import roc_auc_score
+
+    kw = dict(num_samples=20000, num_fields=6, vocab_sizes=40, seed=0)
+    plain = make_synthetic(**kw)
+    zero = make_synthetic(**kw, interaction_strength=0.0)
+    for a, b in ((plain.train, zero.train), (plain.test, zero.test)):  # off by default, same data bit for bit
+        assert np.array_equal(a.X, b.X) and np.array_equal(a.y, b.y)
+    assert plain.info["interaction_ranks"] == [0] * 6 and "interaction_vectors" not in plain.info
+
+    data = make_synthetic(**kw, signal_scale=0.0, interaction_strength=3.0, interaction_rank=[2, 5, 3])
+    info = data.info
+    assert info["interaction_ranks"] == [2, 5, 3, 0, 0, 0]
+    V = info["interaction_vectors"]
+    fmap = data.feature_map
+    useful = np.zeros(fmap.num_features, dtype=bool)
+    useful[info["useful_rows"]] = True
+    assert not V[~useful].any()  # only useful rows of informative fields carry vectors ...
+    for f, r in enumerate(info["interaction_ranks"]):  # ... with exactly the field's rank of non-zero entries
+        rows = slice(fmap.offsets[f], fmap.offsets[f] + fmap.cardinalities[f])
+        assert not V[rows, r:].any()
+        assert (V[rows][useful[rows], :r] != 0).all()
+    # the planted logit is the pairwise term, recomputed here from the formula
+    X = data.test.X
+    term = sum((V[X[:, a]] * V[X[:, b]]).sum(1) / np.sqrt(min(r_a, r_b))
+               for a, r_a in ((0, 2), (1, 5), (2, 3)) for b, r_b in ((0, 2), (1, 5), (2, 3)) if a < b)
+    np.testing.assert_allclose(info["true_logit_test"], -1.0 + 3.0 / np.sqrt(3) * term, rtol=1e-4, atol=1e-4)
+    # labels follow the planted logit, and a first-order model cannot recover most of it
+    true_auc = roc_auc_score(data.test.y, info["true_logit_test"])
+    assert true_auc > 0.65
+    assert true_auc - _first_order_auc(data) > 0.05
+    first = make_synthetic(**kw)  # first-order labels: a first-order model is about as good as the truth
+    assert roc_auc_score(first.test.y, first.info["true_logit_test"]) - _first_order_auc(first) < 0.03
+
+    crit = load_dataset("synthetic", preset="criteo_interactions", num_samples=400, seed=0)
+    assert crit.feature_map.num_fields == 39 and max(crit.feature_map.cardinalities) == 10000
+    ranks = crit.info["interaction_ranks"]
+    assert [f for f, r in enumerate(ranks) if r] == crit.info["informative_fields"] and len(set(ranks) - {0}) > 1
+    assert crit.info["interaction_strength"] > 0 and len(crit.info["noise_fields"]) == 27
+    with pytest.raises(ValueError, match="interaction_strength"):
+        make_synthetic(num_samples=10, interaction_strength=-1.0)
+    with pytest.raises(ValueError, match="interaction_rank"):
+        make_synthetic(num_samples=10, num_fields=4, interaction_strength=1.0, interaction_rank=[1, 2, 3])
+    with pytest.raises(ValueError, match="preset"):
+        make_synthetic(num_samples=10, preset="avazu")
+
+
 def test_batches_cover_each_row_once_and_are_seeded():
     X = np.arange(23 * 2).reshape(23, 2)
     split = CTRSplit(X, (np.arange(23) % 2).astype(np.float32))

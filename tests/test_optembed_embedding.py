@@ -168,3 +168,83 @@ def test_supernet_gradients_match_the_straight_through_formula(p):
     grad_t = -(s * _ste(x)).sum(0)
     torch.testing.assert_close(emb.weight.grad, grad_w)
     torch.testing.assert_close(emb.threshold.grad, grad_t)
+
+
+# ------------------------------------------------------------------------------------------- sparse gradients
+@pytest.mark.parametrize("frozen", [False, True])
+def test_sparse_gradient_is_coo_and_equals_the_dense_gradient(frozen):
+    gen = torch.Generator().manual_seed(5)
+    fmap = _fmap()
+    dense = OptEmbedEmbedding(fmap, 6, oov=True)
+    sparse = OptEmbedEmbedding(fmap, 6, oov=True, sparse=True)
+    assert sparse.sparse_grad and not dense.sparse_grad
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        dense.threshold.fill_(0.3)
+        sparse.threshold.fill_(0.3)
+    ids = _ids(fmap, 23, gen)  # repeated ids: their gradient rows must be summed
+    if frozen:
+        row_mask = torch.rand(fmap.num_features, generator=gen) > 0.3
+        for e in (dense, sparse):
+            e.freeze(row_mask, [6, 2, 1, 4])
+    else:
+        dims = torch.randint(1, 7, (23, fmap.num_fields), generator=gen)
+        for e in (dense, sparse):
+            e.set_dims(dims)
+    g = torch.randn(23, fmap.num_fields, 6, generator=gen)
+    (dense(ids) * g).sum().backward()
+    (sparse(ids) * g).sum().backward()
+    assert sparse.weight.grad.layout == torch.sparse_coo and dense.weight.grad.layout == torch.strided
+    torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad)
+    assert sparse.weight.grad.coalesce().indices().unique().numel() <= ids.unique().numel()
+    torch.testing.assert_close(sparse.oov_weight.grad, dense.oov_weight.grad)
+    if not frozen:
+        torch.testing.assert_close(sparse.threshold.grad, dense.threshold.grad)
+    assert sparse.sparse_parameters() == [sparse.weight]
+
+
+def test_fused_adam_trains_the_table_with_row_sparse_updates(tmp_path):
+    from optembed_ext.data import make_synthetic
+    from optembed_ext.models import build_model
+    from optembed_ext.train.callbacks import Callback
+    from optembed_ext.train.config import TrainConfig
+    from optembed_ext.train.trainer import Trainer
+
+    data = make_synthetic(num_samples=4000, num_fields=4, vocab_sizes=[30, 300, 30, 300], seed=3)
+    torch.manual_seed(0)
+    emb = OptEmbedEmbedding(data.feature_map, 8, threshold_lr=1e-2)  # sparse=False: the trainer switches it on
+    model = build_model("fm", data.feature_map, emb)
+    seen_rows = []
+
+    class Spy(Callback):  # the table's gradient in every step: sparse COO, rows of the looked-up ids only
+        def on_after_backward(self, trainer):
+            grad = emb.weight.grad
+            assert grad is not None and grad.layout == torch.sparse_coo
+            seen_rows.append(grad.coalesce().indices().numel())
+
+    cfg = TrainConfig(epochs=3, batch_size=256, lr=1e-2, optimizer="fused_adam", patience=None, progress=False)
+    before = emb.weight.detach().clone()
+    result = Trainer(model, data, cfg, run_dir=tmp_path, callbacks=[Spy()]).fit()
+    assert emb.sparse_grad and seen_rows and max(seen_rows) <= 256 * data.feature_map.num_fields
+    never_seen = torch.ones(data.feature_map.num_features, dtype=torch.bool)
+    never_seen[torch.as_tensor(data.train.X).flatten()] = False
+    assert never_seen.any()
+    # rows never looked up in training keep their initial values (lazy, row-sparse updates)
+    torch.testing.assert_close(emb.weight.detach()[never_seen], before[never_seen])
+    assert result["test_auc"] > 0.6
+
+
+def test_package_exports_every_embedding_module():
+    import importlib
+
+    import optembed_ext.nn as nn_pkg
+    from optembed_ext.nn.base import EmbeddingModule
+
+    modules = {"UniformEmbedding": "uniform", "OptEmbedEmbedding": "optembed", "CompactEmbedding": "compact",
+               "PEPEmbedding": "pep", "AutoDimEmbedding": "autodim", "MixedDimEmbedding": "autodim",
+               "QREmbedding": "qr", "AutoFieldEmbedding": "autofield", "FieldSelectedEmbedding": "autofield"}
+    assert set(nn_pkg.__all__) == set(modules) | {"EmbeddingModule"}
+    for name, mod in modules.items():
+        cls = getattr(nn_pkg, name)
+        assert cls is getattr(importlib.import_module(f"optembed_ext.nn.{mod}"), name)
+        assert issubclass(cls, EmbeddingModule)

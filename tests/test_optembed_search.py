@@ -295,3 +295,44 @@ def test_bad_configuration_raises_clear_errors():
         oe.OptEmbedConfig(m_prob=2.0)
     with pytest.raises(ValueError, match="model_name"):
         oe.OptEmbedRun(make_synthetic(num_samples=100, num_fields=2), "nope", oe.OptEmbedConfig(), "/nonexistent")
+
+
+def test_search_with_a_fused_sparse_optimizer_runs_end_to_end(tiny_data, tmp_path, monkeypatch):
+    from optembed_ext import ops
+
+    calls = []
+    real = ops.masked_embedding
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(bool(kwargs.get("sparse", False)))
+        return out
+
+    monkeypatch.setattr(ops, "masked_embedding", spy)
+    config = dict(TINY, optimizer="fused_adam", ablations=False, generations=1, export=False)
+    res = oe.run_optembed(tiny_data, "deepfm", config, out_dir=tmp_path, log=None)
+    assert res["config"]["optimizer"] == "fused_adam"
+    # the supernet and the retrained table were trained through row-sparse gradients
+    assert calls and all(calls)
+    for name in ("uniform", "optembed", "no_retrain"):
+        assert res["variants"][name]["test_auc"] > 0.55, name
+    assert 0 < res["variants"]["optembed"]["sparsity"] < 1
+
+
+@pytest.mark.parametrize("name", ["optembed_ml100k_deepfm.yaml", "optembed_synthetic.yaml"])
+def test_example_search_configs_resolve(name):
+    from pathlib import Path
+
+    from optembed_ext.search import optembed_cli
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    parser = cli.build_parser()
+    args = parser.parse_args(["search", "--config", str(path)])
+    opts, config = optembed_cli.resolve_options(args)
+    assert isinstance(config, oe.OptEmbedConfig) and opts["model"] == "deepfm"
+    assert config.patience >= 2 and config.retrain and config.generations >= 1
+    if opts["dataset"] == "synthetic":  # the Criteo-shaped preset with planted interactions, scaled down here
+        opts["dataset_kwargs"] = dict(opts["dataset_kwargs"], num_samples=300)
+        data = optembed_cli.load_data(opts)
+        assert data.feature_map.num_fields == 39 and data.info["interaction_strength"] > 0

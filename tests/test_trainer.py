@@ -251,3 +251,22 @@ def test_resume_refuses_a_different_training_configuration(data, tmp_path):
     assert res["epochs_run"] == 1
     res = Trainer(make_model(data), data, config(epochs=1, batch_size=128), run_dir=tmp_path).fit(resume=False)
     assert res["global_step"] == math.ceil(len(data.train) / 128)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "fused_adagrad"])
+def test_embedding_lr_applies_to_the_embedding_groups_only(data, optimizer):
+    model = make_model(data)
+    trainer = Trainer(model, data, config(optimizer=optimizer, embedding_lr=0.05))
+    emb_ids = {id(p) for p in model.embedding.parameters()}
+    seen_emb = seen_rest = 0
+    for g in trainer.optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) in emb_ids:
+                assert g["lr"] == 0.05
+                seen_emb += 1
+            else:
+                assert g["lr"] == 3e-3
+                seen_rest += 1
+    assert seen_emb == len(emb_ids) and seen_rest > 0
+    with pytest.raises(ValueError, match="embedding_lr"):
+        config(embedding_lr=0.0)

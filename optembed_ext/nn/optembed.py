@@ -41,11 +41,14 @@ class OptEmbedEmbedding(EmbeddingModule):
         prune_rows: learn thresholds (False: no row pruning, the OptEmbed-D supernet).
         oov: pruned rows output a learned per-field OOV vector instead of zeros.
         check_indices: validate ids in ``forward``.
+        sparse: if True the gradient of the table ``weight`` is a sparse COO tensor with one row per looked-up id
+            (like ``nn.Embedding(sparse=True)``), for the row-sparse optimizers (``sparse_adam``, ``fused_adam``,
+            ...); the thresholds and OOV vectors keep dense gradients.
     """
 
     def __init__(self, feature_map, embed_dim: int = 64, *, norm: int = 1, alpha: float = 3e-4,
                  threshold_lr: float = 3e-4, threshold_init: float = 0.0, prune_rows: bool = True,
-                 oov: bool = False, check_indices: bool = True):
+                 oov: bool = False, check_indices: bool = True, sparse: bool = False):
         super().__init__(feature_map, embed_dim)
         if norm not in NORMS:
             raise ValueError(f"norm must be 1 or 2, got {norm!r}")
@@ -60,6 +63,7 @@ class OptEmbedEmbedding(EmbeddingModule):
         self.threshold_init = float(threshold_init)
         self.prune_rows = bool(prune_rows)
         self.check_indices = bool(check_indices)
+        self.sparse_grad = bool(sparse)
         self.weight = nn.Parameter(torch.empty(self.num_features, embed_dim))
         if self.prune_rows:
             self.threshold = nn.Parameter(torch.full((self.num_fields,), self.threshold_init))
@@ -164,9 +168,10 @@ class OptEmbedEmbedding(EmbeddingModule):
         dims = self._forward_dims(ids.shape[0])
         if not self.frozen:
             return ops.masked_embedding(self.weight, ids, self.threshold, dims, self.norm, self.oov_weight,
-                                        check_indices=False)
+                                        check_indices=False, sparse=self.sparse_grad)
         # Retraining: the frozen row mask replaces the threshold; pruned rows give zeros (or OOV), no gradient.
-        out = ops.masked_embedding(self.weight, ids, None, dims, self.norm, None, check_indices=False)
+        out = ops.masked_embedding(self.weight, ids, None, dims, self.norm, None, check_indices=False,
+                                   sparse=self.sparse_grad)
         keep = self.fixed_row_mask[ids]
         out = out * keep.unsqueeze(-1).to(out.dtype)
         if self.oov_weight is not None:
@@ -230,5 +235,5 @@ class OptEmbedEmbedding(EmbeddingModule):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", norm={self.norm}, alpha={self.alpha}, prune_rows={self.prune_rows}, "
-                f"oov={self.oov_weight is not None}, frozen={self.frozen}")
+                f"oov={self.oov_weight is not None}, frozen={self.frozen}, sparse={self.sparse_grad}")
 

@@ -85,7 +85,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--optimizer", default=d.optimizer, help="adam, sparse_adam, adagrad or sgd")
+    g.add_argument("--optimizer", default=d.optimizer,
+                   help="adam, sparse_adam, adagrad, sgd, or a fused sparse optimizer for the embedding table: "
+                        "fused_sgd, fused_adagrad, fused_adam")
+    g.add_argument("--embedding-lr", type=float, default=d.embedding_lr,
+                   help="learning rate of the embedding table (default: --lr)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--patience", type=int, default=d.patience,
                    help="epochs without a better validation AUC before stopping")

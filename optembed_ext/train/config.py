@@ -17,7 +17,11 @@ class TrainConfig:
     """Everything the :class:`~optembed_ext.train.Trainer` needs besides the model and the data.
 
     ``optimizer`` names an entry of :data:`optembed_ext.train.trainer.OPTIMIZERS` (``adam``, ``sparse_adam``,
-    ``adagrad``, ``sgd``); parameters with sparse gradients get the sparse variant (SparseAdam for adam).
+    ``adagrad``, ``sgd``, and the fused sparse optimizers ``fused_sgd``, ``fused_adagrad``, ``fused_adam`` that
+    update only the touched rows of the embedding table, see :mod:`optembed_ext.optim`); parameters with sparse
+    gradients get the sparse variant (SparseAdam for adam).
+    ``embedding_lr``: learning rate of the embedding module's parameter groups (``None`` = ``lr``); row-wise
+    Adagrad and SGD tables usually want a larger one than the dense layers.
     ``patience``: epochs without a better validation AUC before stopping (``None`` = never stop early).
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (``None`` = once per epoch).
     ``max_steps_per_epoch``: cut each epoch after that many steps (``None`` = whole training split).
@@ -27,6 +31,7 @@ class TrainConfig:
     batch_size: int = 2048
     eval_batch_size: int = 8192
     lr: float = 1e-3
+    embedding_lr: float | None = None
     weight_decay: float = 0.0
     optimizer: str = "adam"
     momentum: float = 0.0
@@ -60,6 +65,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.embedding_lr is not None and (isinstance(self.embedding_lr, bool)
+                                              or not isinstance(self.embedding_lr, (int, float))
+                                              or not math.isfinite(self.embedding_lr) or self.embedding_lr <= 0):
+            raise ValueError(f"embedding_lr must be a finite number > 0 or None, got {self.embedding_lr!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.optimizer, str):

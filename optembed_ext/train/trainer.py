@@ -228,7 +228,9 @@ class Trainer:
                 out.append(g)
             return out
 
-        emb_groups = normalise(emb.param_groups(cfg.lr, cfg.weight_decay), "embedding.param_groups()")
+        emb_lr = cfg.lr if cfg.embedding_lr is None else cfg.embedding_lr
+        emb_groups = [dict(g, lr=g.get("lr", emb_lr)) for g in emb.param_groups(emb_lr, cfg.weight_decay)]
+        emb_groups = normalise(emb_groups, "embedding.param_groups()")
         extra = normalise(extra_param_groups or [], "extra_param_groups")
         seen: set[int] = set()
         for g in emb_groups + extra:
@@ -457,8 +459,8 @@ class Trainer:
             return self._finish()
 
     #: config fields that must match the checkpoint's for a resumed run to continue the same training
-    RESUME_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "momentum", "seed", "max_steps_per_epoch",
-                   "grad_clip")
+    RESUME_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "optimizer", "momentum", "seed",
+                   "max_steps_per_epoch", "grad_clip")
 
     def _check_resumable(self, saved: dict) -> None:
         current = self.config.to_dict()
