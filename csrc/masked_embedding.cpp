@@ -17,11 +17,15 @@
 //   forward   one pass, parallel over the B*F lookups (at::parallel_for): each lookup reads its table row once,
 //             computes the norm, compares, writes its output row once (masked / blended / zero-padded) and its
 //             norm. Index and dims range checks happen inside this pass (raised after, naming the argument).
+//             The row reads are random and latency-bound: the table row of the lookup kRowPrefetchDistance ahead
+//             is prefetched, so several misses are in flight at once.
 //   backward  sparse=True: one parallel pass over lookups writes the per-lookup gradient rows (B*F, D); no
-//             reduction at all (the caller wraps them as an uncoalesced COO tensor).
+//             reduction at all (the caller wraps them as an uncoalesced COO tensor). Table rows are prefetched as
+//             in the forward; large float outputs are written with non-temporal stores (store_row_stream).
 //             dense: grad_weight (N, D) is allocated zero-filled without touching it (zeros_lazy_cpu: fresh
-//             anonymous pages, so only the pages of looked-up rows are ever materialised; a memset of the whole
-//             table would cost more than the rest of the op). The lookups are stable-radix-sorted by row
+//             anonymous pages, 2 MiB-aligned and advised as transparent huge pages, so only the pages of
+//             looked-up rows are ever materialised, at one fault per 2 MiB; a memset of the whole table would
+//             cost more than the rest of the op). The lookups are stable-radix-sorted by row
 //             (O(B*F) per 11-bit digit, never O(N)), then one parallel pass over the sorted lookups sums each
 //             touched row's gradient rows in ascending lookup order and writes the row once (no atomics, no races;
 //             chunks split the lookups, not the rows, so a very frequent row cannot unbalance the threads).
@@ -170,6 +174,40 @@ inline int64_t grain_for(int64_t D) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
 }
 
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t D) {
+  for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+// store_row for an output that is written once and not read back soon (per-lookup gradient rows, B*F*D elements,
+// larger than the caches): float rows go out with non-temporal stores, which skip reading each destination line
+// into the cache first (a third less memory traffic for the write). Call stream_fence() after the last one.
+// Only outputs of at least kStreamMinBytes stream (`stream`); smaller ones stay in the cache for their reader.
+constexpr int64_t kStreamMinBytes = int64_t(1) << 23;  // 8 MiB
+
+template <typename scalar_t, typename acc_t>
+inline void store_row_stream(scalar_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t D, bool stream) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+      int64_t j = 0;
+      for (; j + 4 <= D; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
+      for (; j < D; ++j) dst[j] = src[j];
+      return;
+    }
+  }
+#else
+  (void)stream;
+#endif
+  store_row(dst, src, D);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // ---- forward ------------------------------------------------------------------------------------------------------
 // Lookups ahead whose table row is prefetched: the row reads are random and latency-bound, so the loop keeps several
 // misses in flight instead of waiting for one row at a time.
@@ -299,34 +337,6 @@ inline void add_norm_term(const scalar_t* __restrict__ w, int64_t D, acc_t c, ac
   }
 }
 
-template <typename scalar_t, typename acc_t>
-inline void store_row(scalar_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t D) {
-  for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(src[j]);
-}
-
-// store_row for an output that is written once and not read back soon (per-lookup gradient rows, B*F*D elements,
-// larger than the caches): float rows go out with non-temporal stores, which skip reading each destination line
-// into the cache first (a third less memory traffic for the write). Call stream_fence() after the last one.
-template <typename scalar_t, typename acc_t>
-inline void store_row_stream(scalar_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t D) {
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
-      int64_t j = 0;
-      for (; j + 4 <= D; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
-      for (; j < D; ++j) dst[j] = src[j];
-      return;
-    }
-  }
-#endif
-  store_row(dst, src, D);
-}
-
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
 
 struct BackwardPtrs {
   const void* g;
@@ -350,6 +360,7 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
   const auto* oov = static_cast<const scalar_t*>(ptr.oov);
   const int64_t F = pr.F, D = pr.D, N = pr.N;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream = pr.B * F * row_bytes >= kStreamMinBytes;
   at::parallel_for(0, pr.B * F, grain_for(D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
     for (int64_t q = begin; q < std::min(end, begin + kRowPrefetchDistance); ++q) {
@@ -376,7 +387,7 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
         sh_buf[pos] = sh;
         add_norm_term<P>(w + r * D, D, sh, norm[pos], acc.data());
       }
-      store_row_stream(rows + pos * D, acc.data(), D);
+      store_row_stream(rows + pos * D, acc.data(), D, stream);
     }
     stream_fence();
   });

@@ -37,7 +37,8 @@
 // CPU implementation: (1) a stable LSD radix sort of (row, position) pairs by row over ceil(log2 N) bits
 // (11-bit digits, O(M) per pass, also validates the indices), (2) segment boundaries = distinct rows,
 // (3) at::parallel_for over distinct rows: sum that row's gradient rows into a thread-local acc_t buffer (a row
-// touched once is read directly), apply the update to the weight row and its state. Memory traffic: indices and
+// touched once is read directly), apply the update to the weight row and its state. The weight row (and state) a
+// few distinct rows ahead and the gradient row a few sorted positions ahead are prefetched. Memory traffic: indices and
 // grad_rows are read once, each touched weight row (and its state) is read and written once; O(M*D), never O(N*D).
 //
 // A CUDA implementation (csrc/cuda/sparse_row_update.cu) must follow the same semantics; the per-row summation

@@ -55,7 +55,9 @@ class OptEmbedConfig:
 
     Training settings apply to every trained phase (uniform, supernets, retraining); ``supernet_epochs`` /
     ``retrain_epochs`` override ``epochs`` for one kind of phase. ``patience`` is the early-stopping patience on
-    validation AUC (the reference code stops at the first epoch without improvement: 1).
+    validation AUC (the reference code stops at the first epoch without improvement: 1). ``optimizer`` is any
+    trainer optimizer; the fused row-sparse ones (``fused_adam``, ``fused_adagrad``, ``fused_sgd``) switch the
+    OptEmbed table (and the uniform baseline's) to sparse gradients, so only the looked-up rows are updated.
     """
 
     # embedding / backbone

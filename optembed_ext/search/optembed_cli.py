@@ -5,8 +5,10 @@ Every option of :class:`~optembed_ext.search.optembed.OptEmbedConfig` is a long 
 Besides those keys the YAML may hold ``dataset``, ``data-dir``, ``model``, ``out``, ``dataset-kwargs`` (a mapping
 passed to :func:`optembed_ext.data.load_dataset`, e.g. the ``make_synthetic`` arguments) and ``model-cfg``.
 
-    optembed search --dataset movielens100k --data-dir ../shared/data/ml-100k --model deepfm --out runs/x \\
-        [--config configs/optembed_ml100k.yaml] [--ablations] [--epochs 3] [--generations 10] [--device cpu]
+    optembed search --config configs/optembed_ml100k_deepfm.yaml --data-dir ../shared/data/ml-100k --out runs/x \\
+        [--ablations] [--epochs 3] [--generations 10] [--optimizer fused_adam] [--device cpu]
+    optembed search --config configs/optembed_synthetic.yaml --out runs/synthetic   # planted answer, no files
+    optembed search --dataset synthetic --dataset-kwargs '{preset: criteo_interactions, num_samples: 100000}' ...
 """
 from __future__ import annotations
 
