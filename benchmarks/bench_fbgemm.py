@@ -8,7 +8,7 @@ Ours: ``ops.masked_embedding(sparse=True)`` + :class:`optembed_ext.optim.SparseS
 
 ``fused_plain``   no threshold, full dims: the same computation as FBGEMM's
 ``fused_masked``  the OptEmbed supernet lookup (per-field thresholds, p = 1, random per-sample dims), thresholds
-                  stepped by ``torch.optim.SGD`` -- issue target: within 1.5x of FBGEMM's time (speedup >= 0.67)
+                  stepped by ``torch.optim.SGD`` -- target: within 1.5x of FBGEMM's time (speedup >= 0.67)
 
 Modes: ``forward`` (inference, ``torch.no_grad()``) and ``fwd_bwd_step`` (forward + backward + fused optimizer).
 Skipped when ``fbgemm_gpu`` is not installed (CPU build: ``pip install fbgemm-gpu-cpu``; CUDA: ``fbgemm-gpu``).
@@ -35,7 +35,7 @@ SUITE = "fbgemm"
 IMPLS = ("fbgemm", "fused_plain", "fused_masked")  # baseline first
 OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 LR, EPS = 1e-2, 1e-8
-#: issue target: fused masked fwd+bwd+step within 1.5x of FBGEMM's fwd+bwd+step
+#: target: fused masked fwd+bwd+step within 1.5x of FBGEMM's fwd+bwd+step
 TARGET = 1 / 1.5
 
 
@@ -154,4 +154,4 @@ def test_fbgemm(benchmark, request, device, shape, dist, mode, optimizer, impl):
     case = f"{mode} {optimizer} {shape.name} {dist}" if mode != "forward" else f"forward {shape.name} {dist}"
     run_case(benchmark, request, fn, suite=SUITE, case=case, device=device, impl=impl, baseline="fbgemm",
              nbytes=tbe_bytes(shape, mode, optimizer, n_unique), target=target,
-             target_note="issue target: within 1.5x of FBGEMM" if target else None)
+             target_note="target: within 1.5x of FBGEMM" if target else None)

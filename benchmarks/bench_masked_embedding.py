@@ -205,4 +205,4 @@ def test_masked_embedding(benchmark, request, device, shape, dist, mode, variant
     target = TARGETS.get(mode) if (impl == "fused" and on_criteo) else None
     run_case(benchmark, request, fn, suite=SUITE, case=f"{mode}/{variant} {shape.name} {dist}", device=device,
              impl=impl, nbytes=masked_bytes(shape, mode, variant, n_unique), target=target,
-             target_note="issue target: CPU fused fwd+bwd" if target else None)
+             target_note="target: CPU fused fwd+bwd" if target else None)
