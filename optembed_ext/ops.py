@@ -26,6 +26,7 @@ asks for it, every function runs its reference instead.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -468,6 +469,9 @@ def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1
     for value, name in ((lr, "lr"), (eps, "eps"), (beta1, "beta1"), (beta2, "beta2"), (weight_decay, "weight_decay")):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    for value, name in ((lr, "lr"), (weight_decay, "weight_decay")):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if optimizer != "sgd" and not eps > 0:
         raise ValueError(f"eps must be > 0 for optimizer {optimizer!r}, got {eps}")
     if optimizer == "adam":

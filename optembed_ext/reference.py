@@ -118,7 +118,6 @@ def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_d
     ``r = remap[indices[b, f]]``; ``out[b, f, j] = packed[field_offsets[f] + r * D_f + j]`` for ``r >= 0`` and
     ``j < D_f``, ``oov[f, j]`` (or 0) for ``r == -1`` and ``j < D_f``, and 0 for ``j >= D_f``.
     """
-    del deterministic
     B, nf = indices.shape
     dev = packed.device
     idx = indices.long()
@@ -141,11 +140,37 @@ def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_d
     sel = (in_dim & kept).expand(B, nf, out_dim)
     pos = off[:nf].view(1, -1, 1) + r.clamp(min=0).unsqueeze(-1) * d.view(1, -1, 1) + cols.view(1, 1, -1)
     pos = pos.expand(B, nf, out_dim)[sel]  # flat positions in packed of the served elements
-    vals = _SparseGather.apply(packed, pos) if sparse else packed[pos]
+    if sparse:
+        vals = _SparseGather.apply(packed, pos)
+    elif deterministic:
+        vals = _OrderedGather.apply(packed, pos)
+    else:
+        vals = packed[pos]
     out = torch.zeros(B, nf, out_dim, dtype=packed.dtype, device=dev).masked_scatter(sel, vals)
     if oov is not None:
         out = out + oov.unsqueeze(0) * (in_dim & ~kept).to(packed.dtype)
     return out
+
+
+class _OrderedGather(torch.autograd.Function):
+    """``src[pos]`` for a 1-D ``src`` whose backward sums repeated positions in a fixed order (sort, then one
+    segment sum per distinct position), so the gradient is bitwise repeatable."""
+
+    @staticmethod
+    def forward(ctx, src, pos):
+        ctx.save_for_backward(pos)
+        ctx.size = src.shape[0]
+        return src[pos]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pos,) = ctx.saved_tensors
+        out = torch.zeros(ctx.size, dtype=grad.dtype, device=grad.device)
+        if pos.numel():
+            order = torch.argsort(pos, stable=True)
+            uniq, counts = torch.unique_consecutive(pos[order], return_counts=True)
+            out[uniq] = torch.segment_reduce(grad[order], "sum", lengths=counts)
+        return out, None
 
 
 class _SparseGather(torch.autograd.Function):

@@ -217,8 +217,6 @@ def test_backward(device, case, dtype, with_oov, deterministic):
             assert oov.grad[f, d:].abs().sum() == 0
 
 
-@pytest.mark.xfail(not _ext.HAS_EXTENSION or ops.use_reference(), strict=False,
-                   reason="the reference path's sparse gradient of packed (a view of a 2-D table) may be unsupported")
 @pytest.mark.parametrize("with_oov", [False, True])
 def test_sparse_gradient(device, with_oov):
     """sparse=True: the gradient of packed is a sparse COO tensor equal to the dense gradient."""

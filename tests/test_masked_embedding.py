@@ -334,6 +334,8 @@ def test_direct_op_autograd_matches_wrapper(device):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.skipif(not _ext.HAS_EXTENSION or ops.use_reference(),
+                    reason="fullgraph compilation is a property of the compiled ops (the reference checks data eagerly)")
 @pytest.mark.parametrize("sparse", [False, True])
 def test_torch_compile_fullgraph(device, sparse):
     prob = make_problem(device, torch.float32, 2, oov=True, dims_mode="BF")
@@ -457,6 +459,8 @@ def test_data_dependent_errors(device, use_ref, idx_dtype):
         ops.use_reference(previous)
 
 
+@pytest.mark.skipif(not _ext.HAS_EXTENSION or ops.use_reference(),
+                    reason="fullgraph compilation is a property of the compiled ops (the reference checks data eagerly)")
 @pytest.mark.slow
 def test_torch_compile_inductor(device):
     prob = make_problem(device, torch.float32, 1, oov=True, dims_mode="F")
