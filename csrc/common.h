@@ -91,6 +91,7 @@ inline T step_ste_grad(T x) {
 // table that costs far more than the whole lookup. Anonymous mmap memory is zero-filled by the kernel lazily, page
 // by page, on first touch: a gradient backed by it only pays for the pages the backward pass actually writes.
 #include <ATen/Functions.h>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #if defined(__linux__) || defined(__APPLE__)
@@ -132,6 +133,30 @@ inline at::Tensor zeros_lazy_cpu(at::IntArrayRef sizes, const at::TensorOptions&
 #endif
   *lazy = false;
   return at::zeros(sizes, options);
+}
+
+// Row p-norm with 8 independent partial sums (vectorisable without -ffast-math).
+template <int P, typename acc_t, typename scalar_t>
+inline acc_t row_norm(const scalar_t* __restrict__ row, int64_t D) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= D; j += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const acc_t v = static_cast<acc_t>(row[j + u]);
+      part[u] += (P == 1) ? std::abs(v) : v * v;
+    }
+  }
+  acc_t tail = 0;
+  for (; j < D; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    tail += (P == 1) ? std::abs(v) : v * v;
+  }
+  const acc_t sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+  if constexpr (P == 2) {
+    return std::sqrt(sum);
+  } else {
+    return sum;
+  }
 }
 
 // Software prefetch of `bytes` bytes starting at `p` (random table-row accesses are latency-bound without it).

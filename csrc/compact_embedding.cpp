@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "compact_embedding.h"
 
 #include <algorithm>
 #include <atomic>
@@ -42,22 +43,11 @@
 #include <vector>
 
 namespace optembed {
-namespace {
 
-constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
-
-// Records the smallest failing lookup position seen by any thread.
-inline void record_error(std::atomic<int64_t>& first_bad, int64_t pos) {
-  int64_t cur = first_bad.load(std::memory_order_relaxed);
-  while (pos < cur && !first_bad.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
-  }
-}
-
-// Structural checks shared by forward and backward; returns R_f per field (-1 = any row allowed).
-std::vector<int64_t> check_layout(const at::Tensor& packed, const at::Tensor& field_offsets,
-                                  const at::Tensor& field_dims, const at::Tensor& remap,
-                                  const at::Tensor& indices, int64_t out_dim,
-                                  const c10::optional<at::Tensor>& oov) {
+CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at::Tensor& field_offsets,
+                                             const at::Tensor& field_dims, const at::Tensor& remap,
+                                             const at::Tensor& indices, int64_t out_dim,
+                                             const c10::optional<at::Tensor>& oov) {
   TORCH_CHECK(packed.dim() == 1, "compact_embedding: packed must be 1-D (all field tables flattened), got shape ",
               packed.sizes());
   OPTEMBED_CHECK_FLOAT_DTYPE(packed, "compact_embedding: packed");
@@ -88,14 +78,22 @@ std::vector<int64_t> check_layout(const at::Tensor& packed, const at::Tensor& fi
                 " must match packed dtype ", packed.scalar_type());
     TORCH_CHECK(oov->device() == packed.device(), "compact_embedding: oov must be on ", packed.device());
   }
-  const at::Tensor offs_cpu = field_offsets.to(at::kCPU).contiguous();
-  const at::Tensor dims_cpu = field_dims.to(at::kCPU).contiguous();
-  const int64_t* offs = offs_cpu.data_ptr<int64_t>();
-  const int64_t* dims = dims_cpu.data_ptr<int64_t>();
+  CompactLayout L;
+  {
+    const at::Tensor offs_cpu = field_offsets.to(at::kCPU).contiguous();
+    const at::Tensor dims_cpu = field_dims.to(at::kCPU).contiguous();
+    const int64_t* o = offs_cpu.data_ptr<int64_t>();
+    const int64_t* d = dims_cpu.data_ptr<int64_t>();
+    L.offs.assign(o, o + F + 1);
+    L.dims.assign(d, d + F);
+  }
+  const std::vector<int64_t>& offs = L.offs;
+  const std::vector<int64_t>& dims = L.dims;
+  std::vector<int64_t>& rows = L.rows;
   const int64_t P = packed.numel();
   TORCH_CHECK(offs[0] >= 0, "compact_embedding: field_offsets[0] must be >= 0, got ", offs[0]);
   TORCH_CHECK(offs[F] <= P, "compact_embedding: field_offsets[F] = ", offs[F], " exceeds packed.numel() = ", P);
-  std::vector<int64_t> rows(F);
+  rows.resize(F);
   for (int64_t f = 0; f < F; ++f) {
     const int64_t d = dims[f];
     TORCH_CHECK(d >= 0 && d <= out_dim, "compact_embedding: field_dims[", f, "] = ", d,
@@ -113,8 +111,20 @@ std::vector<int64_t> check_layout(const at::Tensor& packed, const at::Tensor& fi
       rows[f] = len / d;
     }
   }
-  return rows;
+  return L;
 }
+
+namespace {
+
+constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
+
+// Records the smallest failing lookup position seen by any thread.
+inline void record_error(std::atomic<int64_t>& first_bad, int64_t pos) {
+  int64_t cur = first_bad.load(std::memory_order_relaxed);
+  while (pos < cur && !first_bad.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
+  }
+}
+
 
 template <typename scalar_t, typename index_t, typename remap_t, bool kHasOov>
 void forward_kernel(const scalar_t* packed, const int64_t* offs, const int64_t* dims, const remap_t* remap,
@@ -189,7 +199,7 @@ at::Tensor compact_embedding_forward_cpu(const at::Tensor& packed, const at::Ten
                                          const at::Tensor& indices, int64_t out_dim,
                                          const c10::optional<at::Tensor>& oov, bool check_indices) {
   const std::vector<int64_t> rows =
-      check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
+      compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov).rows;
   const int64_t B = indices.size(0), F = indices.size(1), D = out_dim, N = remap.numel();
   at::Tensor out = at::empty({B, F, D}, packed.options());
   if (out.numel() == 0) return out;
@@ -238,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cpu(
               ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == packed.scalar_type(), "compact_embedding: grad_out dtype ",
               grad_out.scalar_type(), " must match packed dtype ", packed.scalar_type());
-  check_layout(packed, field_offsets, field_dims, remap, indices, D, oov);
+  compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, D, oov);
   const int64_t B = indices.size(0), F = indices.size(1);
   at::Tensor grad_packed = at::zeros_like(packed, at::MemoryFormat::Contiguous);
   at::Tensor grad_oov = oov.has_value() ? at::zeros_like(*oov, at::MemoryFormat::Contiguous)

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "row_mask.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,29 +20,6 @@ namespace optembed {
 namespace {
 
 using at::Tensor;
-
-template <int P, typename acc_t, typename scalar_t>
-inline acc_t row_norm(const scalar_t* __restrict__ row, int64_t D) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= D; j += 8) {
-    for (int u = 0; u < 8; ++u) {
-      const acc_t v = static_cast<acc_t>(row[j + u]);
-      part[u] += (P == 1) ? std::abs(v) : v * v;
-    }
-  }
-  acc_t tail = 0;
-  for (; j < D; ++j) {
-    const acc_t v = static_cast<acc_t>(row[j]);
-    tail += (P == 1) ? std::abs(v) : v * v;
-  }
-  const acc_t sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
-  if constexpr (P == 2) {
-    return std::sqrt(sum);
-  } else {
-    return sum;
-  }
-}
 
 template <typename scalar_t, typename field_t, int P>
 void row_mask_kernel(const scalar_t* __restrict__ w, const field_t* __restrict__ field,
@@ -59,10 +37,12 @@ void row_mask_kernel(const scalar_t* __restrict__ w, const field_t* __restrict__
   });
 }
 
-Tensor row_mask_cpu(const Tensor& weight, const Tensor& field_of_row, const Tensor& threshold, int64_t p) {
+}  // namespace
+
+void row_mask_check(const Tensor& weight, const Tensor& field_of_row, const Tensor& threshold, int64_t p) {
   OPTEMBED_CHECK_DIM(weight, "row_mask: weight", 2);
   OPTEMBED_CHECK_FLOAT_DTYPE(weight, "row_mask: weight");
-  const int64_t N = weight.size(0), D = weight.size(1);
+  const int64_t N = weight.size(0);
   TORCH_CHECK(field_of_row.dim() == 1 && field_of_row.size(0) == N,
               "row_mask: field_of_row must have shape (N,) = (", N, ",) matching weight.size(0), got ",
               field_of_row.sizes());
@@ -73,6 +53,13 @@ Tensor row_mask_cpu(const Tensor& weight, const Tensor& field_of_row, const Tens
               threshold.scalar_type());
   OPTEMBED_CHECK_SAME_DEVICE(threshold, weight, "row_mask: threshold", "weight");
   TORCH_CHECK_VALUE(p == 1 || p == 2, "row_mask: p must be 1 or 2, got ", p);
+}
+
+namespace {
+
+Tensor row_mask_cpu(const Tensor& weight, const Tensor& field_of_row, const Tensor& threshold, int64_t p) {
+  row_mask_check(weight, field_of_row, threshold, p);
+  const int64_t N = weight.size(0), D = weight.size(1);
 
   Tensor mask = at::empty({N}, weight.options().dtype(at::kBool));
   const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -62,18 +62,10 @@
 #endif
 
 #include "common.h"
+#include "sparse_row_update.h"
 
 namespace optembed {
 namespace {
-
-enum class RowOptimizer { kSGD, kAdagrad, kAdam };
-
-RowOptimizer parse_optimizer(const std::string& name) {
-  if (name == "sgd") return RowOptimizer::kSGD;
-  if (name == "adagrad") return RowOptimizer::kAdagrad;
-  if (name == "adam") return RowOptimizer::kAdam;
-  TORCH_CHECK(false, "sparse_row_update: optimizer must be 'sgd', 'adagrad' or 'adam', got '", name, "'");
-}
 
 // out[j] = sqrt(in[j]); explicit SIMD because std::sqrt loops do not vectorise under -fmath-errno.
 inline void sqrt_row(const float* in, float* out, int64_t n) {

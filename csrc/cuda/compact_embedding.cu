@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "compact_embedding.h"
 
 namespace optembed {
 namespace cuda {
@@ -199,79 +200,8 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_atomic_kernel
 // ---------------------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------------------
-struct Layout {
-  std::vector<int64_t> offs, dims, rows;  // host copies of field_offsets / field_dims; rows R_f (-1 = any)
-};
-
-// The structural checks of the CPU kernel (same messages), plus the host copies they need.
-Layout check_layout(const at::Tensor& packed, const at::Tensor& field_offsets, const at::Tensor& field_dims,
-                    const at::Tensor& remap, const at::Tensor& indices, int64_t out_dim,
-                    const std::optional<at::Tensor>& oov) {
-  TORCH_CHECK(packed.dim() == 1, "compact_embedding: packed must be 1-D (all field tables flattened), got shape ",
-              packed.sizes());
-  OPTEMBED_CHECK_FLOAT_DTYPE(packed, "compact_embedding: packed");
-  TORCH_CHECK(indices.dim() == 2, "compact_embedding: indices must be 2-D (B, F), got shape ", indices.sizes());
-  OPTEMBED_CHECK_INDEX_DTYPE(indices, "compact_embedding: indices");
-  TORCH_CHECK(remap.dim() == 1, "compact_embedding: remap must be 1-D (N,), got shape ", remap.sizes());
-  OPTEMBED_CHECK_INDEX_DTYPE(remap, "compact_embedding: remap");
-  TORCH_CHECK(out_dim >= 0, "compact_embedding: out_dim must be >= 0, got ", out_dim);
-  const int64_t F = indices.size(1);
-  TORCH_CHECK(field_dims.dim() == 1 && field_dims.size(0) == F,
-              "compact_embedding: field_dims must have shape (F,) = (", F, ",), got ", field_dims.sizes());
-  TORCH_CHECK(field_dims.scalar_type() == at::kLong, "compact_embedding: field_dims must be int64, got ",
-              field_dims.scalar_type());
-  TORCH_CHECK(field_offsets.dim() == 1 && field_offsets.size(0) == F + 1,
-              "compact_embedding: field_offsets must have shape (F+1,) = (", F + 1, ",), got ",
-              field_offsets.sizes());
-  TORCH_CHECK(field_offsets.scalar_type() == at::kLong, "compact_embedding: field_offsets must be int64, got ",
-              field_offsets.scalar_type());
-  for (const auto* t : {&field_offsets, &field_dims, &remap, &indices}) {
-    TORCH_CHECK(t->device() == packed.device(), "compact_embedding: all tensors must be on ", packed.device(),
-                ", got one on ", t->device());
-  }
-  if (oov.has_value()) {
-    TORCH_CHECK(oov->dim() == 2 && oov->size(0) == F && oov->size(1) == out_dim,
-                "compact_embedding: oov must have shape (F, out_dim) = (", F, ", ", out_dim, "), got ",
-                oov->sizes());
-    TORCH_CHECK(oov->scalar_type() == packed.scalar_type(), "compact_embedding: oov dtype ", oov->scalar_type(),
-                " must match packed dtype ", packed.scalar_type());
-    TORCH_CHECK(oov->device() == packed.device(), "compact_embedding: oov must be on ", packed.device());
-  }
-  Layout L;
-  {
-    const at::Tensor offs_cpu = field_offsets.cpu().contiguous();
-    const at::Tensor dims_cpu = field_dims.cpu().contiguous();
-    const int64_t* o = offs_cpu.const_data_ptr<int64_t>();
-    const int64_t* d = dims_cpu.const_data_ptr<int64_t>();
-    L.offs.assign(o, o + F + 1);
-    L.dims.assign(d, d + F);
-  }
-  const int64_t P = packed.numel();
-  TORCH_CHECK(L.offs[0] >= 0, "compact_embedding: field_offsets[0] must be >= 0, got ", L.offs[0]);
-  TORCH_CHECK(L.offs[F] <= P, "compact_embedding: field_offsets[F] = ", L.offs[F], " exceeds packed.numel() = ", P);
-  L.rows.resize(F);
-  for (int64_t f = 0; f < F; ++f) {
-    const int64_t d = L.dims[f];
-    TORCH_CHECK(d >= 0 && d <= out_dim, "compact_embedding: field_dims[", f, "] = ", d,
-                " must lie in [0, out_dim = ", out_dim, "]");
-    const int64_t len = L.offs[f + 1] - L.offs[f];
-    TORCH_CHECK(len >= 0, "compact_embedding: field_offsets must be non-decreasing, field_offsets[", f, "] = ",
-                L.offs[f], " > field_offsets[", f + 1, "] = ", L.offs[f + 1]);
-    if (d == 0) {
-      TORCH_CHECK(len == 0, "compact_embedding: field ", f, " has field_dims 0 but a non-empty block of ", len,
-                  " values in packed");
-      L.rows[f] = -1;
-    } else {
-      TORCH_CHECK(len % d == 0, "compact_embedding: block of field ", f, " in packed has ", len,
-                  " values, not a multiple of field_dims[", f, "] = ", d);
-      L.rows[f] = len / d;
-    }
-  }
-  return L;
-}
-
 // 16-byte vector accesses are valid when every row start and width is a multiple of the vector width.
-bool layout_allows_vec(const Layout& L, int64_t out_dim, int vec) {
+bool layout_allows_vec(const CompactLayout& L, int64_t out_dim, int vec) {
   if (vec == 1) return true;
   if (out_dim % vec != 0) return false;
   for (size_t f = 0; f < L.dims.size(); ++f) {
@@ -284,7 +214,8 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
                                           const at::Tensor& field_dims, const at::Tensor& remap,
                                           const at::Tensor& indices, int64_t out_dim,
                                           const std::optional<at::Tensor>& oov, bool check_indices) {
-  const Layout layout = check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
+  const CompactLayout layout =
+      compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
   const int64_t B = indices.size(0), F = indices.size(1), D = out_dim, N = remap.numel();
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({B, F, D}, packed.options());
@@ -348,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
               grad_out.scalar_type(), " must match packed dtype ", packed.scalar_type());
   TORCH_CHECK(grad_out.device() == packed.device(), "compact_embedding: grad_out must be on ", packed.device(),
               ", got ", grad_out.device());
-  const Layout layout = check_layout(packed, field_offsets, field_dims, remap, indices, D, oov);
+  const CompactLayout layout =
+      compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, D, oov);
   const int64_t B = indices.size(0), F = indices.size(1), N = remap.numel(), P = packed.numel();
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor grad_packed = at::zeros({P}, packed.options());

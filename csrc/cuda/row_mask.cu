@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "row_mask.h"
 
 namespace optembed {
 namespace cuda {
@@ -62,19 +63,8 @@ __global__ void __launch_bounds__(kBlockThreads) row_mask_kernel(
 
 at::Tensor row_mask_cuda(const at::Tensor& weight, const at::Tensor& field_of_row, const at::Tensor& threshold,
                          int64_t p) {
-  OPTEMBED_CHECK_DIM(weight, "row_mask: weight", 2);
-  OPTEMBED_CHECK_FLOAT_DTYPE(weight, "row_mask: weight");
+  row_mask_check(weight, field_of_row, threshold, p);
   const int64_t N = weight.size(0), D = weight.size(1);
-  TORCH_CHECK(field_of_row.dim() == 1 && field_of_row.size(0) == N,
-              "row_mask: field_of_row must have shape (N,) = (", N, ",) matching weight.size(0), got ",
-              field_of_row.sizes());
-  OPTEMBED_CHECK_INDEX_DTYPE(field_of_row, "row_mask: field_of_row");
-  OPTEMBED_CHECK_SAME_DEVICE(field_of_row, weight, "row_mask: field_of_row", "weight");
-  TORCH_CHECK(threshold.dim() == 1, "row_mask: threshold must be 1-D (F,), got shape ", threshold.sizes());
-  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), "row_mask: threshold must be floating point, got ",
-              threshold.scalar_type());
-  OPTEMBED_CHECK_SAME_DEVICE(threshold, weight, "row_mask: threshold", "weight");
-  TORCH_CHECK_VALUE(p == 1 || p == 2, "row_mask: p must be 1 or 2, got ", p);
 
   const c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor mask = at::empty({N}, weight.options().dtype(at::kBool));

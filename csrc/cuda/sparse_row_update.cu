@@ -28,26 +28,12 @@
 #include <string>
 
 #include "common.cuh"
+#include "sparse_row_update.h"
 
 namespace optembed {
 
-// Defined in csrc/sparse_row_update.cpp: the argument checks every backend shares.
-void sparse_row_update_check(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad_rows,
-                             const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
-                             const std::string& optimizer, double lr, double eps, double beta1, double beta2,
-                             double weight_decay, int64_t step);
-
 namespace cuda {
 namespace {
-
-enum class RowOptimizer { kSGD, kAdagrad, kAdam };
-
-RowOptimizer parse_optimizer(const std::string& name) {
-  if (name == "sgd") return RowOptimizer::kSGD;
-  if (name == "adagrad") return RowOptimizer::kAdagrad;
-  if (name == "adam") return RowOptimizer::kAdam;
-  TORCH_CHECK(false, "sparse_row_update: optimizer must be 'sgd', 'adagrad' or 'adam', got '", name, "'");
-}
 
 __global__ void validate_indices_kernel(const int64_t* __restrict__ indices, int64_t M, int64_t N,
                                         int64_t* __restrict__ errors) {
