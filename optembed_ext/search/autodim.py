@@ -16,7 +16,6 @@ The Gumbel-softmax temperature follows ``tau = max(min_temperature, 1 - temperat
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch.func import functional_call
 
 from ..nn.autodim import DEFAULT_CANDIDATES, TRANSFORMS, AutoDimEmbedding, MixedDimEmbedding
 from ..train.callbacks import Callback
-from .compare import make_row, method_train_config, seed_everything, train_and_evaluate
+from .compare import dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +244,4 @@ def run_autodim(data, model_name: str, embed_dim: int, train_config, config: Aut
 
 
 def autodim_config_from_dict(values: dict) -> AutoDimConfig:
-    names = {f.name for f in dataclasses.fields(AutoDimConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown AutoDim option(s) {sorted(unknown)}; known: {sorted(names)}")
-    return AutoDimConfig(**values)
+    return dataclass_from_dict(AutoDimConfig, values, "AutoDim")

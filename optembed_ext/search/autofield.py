@@ -25,7 +25,7 @@ import numpy as np
 
 from ..nn.autofield import AutoFieldEmbedding, FieldSelectedEmbedding
 from .autodim import DartsArchitectureCallback
-from .compare import make_row, method_train_config, seed_everything, train_and_evaluate
+from .compare import dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,4 @@ def run_autofield(data, model_name: str, embed_dim: int, train_config, config: A
 
 
 def autofield_config_from_dict(values: dict) -> AutoFieldConfig:
-    names = {f.name for f in dataclasses.fields(AutoFieldConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown AutoField option(s) {sorted(unknown)}; known: {sorted(names)}")
-    return AutoFieldConfig(**values)
+    return dataclass_from_dict(AutoFieldConfig, values, "AutoField")

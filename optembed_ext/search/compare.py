@@ -42,6 +42,15 @@ RESULT_COLUMNS = ("dataset", "model", "method", "variant", "auc", "logloss", "nu
 
 
 # ================================================================== shared helpers of the methods
+def dataclass_from_dict(cls, values: dict, what: str):
+    """``cls(**values)`` for a config dataclass; keys that are not fields raise ValueError naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**values)
+
+
 def seed_everything(seed: int) -> None:
     """Seed every generator before a module is built, so every method starts from the same state."""
     _seed_everything(int(seed))
@@ -325,12 +334,9 @@ class CompareConfig:
         from .autofield import autofield_config_from_dict
         from .pep import pep_config_from_dict
 
-        names = {f.name for f in dataclasses.fields(QRConfig)}
-        unknown = set(self.qr) - names
-        if unknown:
-            raise ValueError(f"unknown QR option(s) {sorted(unknown)}; known: {sorted(names)}")
         return {"pep": pep_config_from_dict(dict(self.pep)), "autodim": autodim_config_from_dict(dict(self.autodim)),
-                "autofield": autofield_config_from_dict(dict(self.autofield)), "qr": QRConfig(**self.qr)}
+                "autofield": autofield_config_from_dict(dict(self.autofield)),
+                "qr": dataclass_from_dict(QRConfig, dict(self.qr), "QR")}
 
     def dims_for_uniform(self) -> list[int]:
         if self.uniform_dims:

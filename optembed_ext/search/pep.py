@@ -19,7 +19,6 @@ parameter (``s`` included), batch size 1024.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 
 from ..nn.pep import THRESHOLD_TYPES, PEPEmbedding, default_threshold_init
 from ..train.callbacks import Callback
-from .compare import make_row, method_train_config, seed_everything, train_and_evaluate
+from .compare import dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +248,4 @@ def _tmpdir() -> str:
 
 
 def pep_config_from_dict(values: dict) -> PEPConfig:
-    names = {f.name for f in dataclasses.fields(PEPConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown PEP option(s) {sorted(unknown)}; known: {sorted(names)}")
-    return PEPConfig(**values)
+    return dataclass_from_dict(PEPConfig, values, "PEP")
