@@ -10,9 +10,15 @@ Public API::
     make_synthetic(num_samples=20000, num_fields=8, vocab_sizes=100, informative_fields=None, seed=0, ...)
     batches(split, batch_size, *, shuffle=False, seed=0, epoch=0, drop_last=False)
 
-Field lists and preprocessing rules of each dataset: see ``optembed_ext.data.formats``.
+    list_caches(root) -> [CacheEntry]; clean_caches(root, statuses=..., datasets=None, dry_run=False)
+    DataError, DataFormatError, MalformedRowError, DataFileNotFoundError, CacheError   # errors.py
+
+Field lists and preprocessing rules of each dataset: see ``optembed_ext.data.formats``; the cache:
+``optembed_ext.data.cache``; the error types: ``optembed_ext.data.errors``.
 """
 from .batching import batches, make_splits, split_indices
+from .cache import CacheEntry, clean_caches, list_caches, verify_cache
+from .errors import CacheError, DataError, DataFileNotFoundError, DataFormatError, MalformedRowError
 from .loaders import DATASETS, DEFAULT_MIN_COUNT, PreprocessResult, canonical_name, load_dataset, load_vocab, preprocess
 from .synthetic import make_synthetic
 from .types import CTRDataset, CTRSplit, FeatureMap
@@ -21,4 +27,6 @@ __all__ = [
     "FeatureMap", "CTRSplit", "CTRDataset",
     "load_dataset", "preprocess", "PreprocessResult", "load_vocab", "canonical_name", "DATASETS",
     "DEFAULT_MIN_COUNT", "make_synthetic", "batches", "make_splits", "split_indices",
+    "CacheEntry", "list_caches", "clean_caches", "verify_cache",
+    "DataError", "DataFormatError", "MalformedRowError", "DataFileNotFoundError", "CacheError",
 ]

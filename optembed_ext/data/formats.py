@@ -34,24 +34,32 @@ Each ``plan_<dataset>(path, **options)`` resolves the raw file(s) under ``path``
 from __future__ import annotations
 
 import datetime
-import gzip
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._stream import FieldSpec, RawSource, TableSchema
+from ._stream import (_DECOMPRESS_ERRORS, FieldSpec, RawSource, TableSchema, _decompress_failed, open_raw,
+                      read_first_line)
+from .errors import DataFileNotFoundError, DataFormatError
 
 __all__ = ["Plan", "PLANNERS", "criteo_int_token"]
 
 
 @dataclass
 class Plan:
+    """``files``: every file read (main file first), for the cache fingerprint. ``side_issues``: the
+    malformed lines of side files (MovieLens ``u.user``/``u.item``/``users.dat``...), each a dict with
+    ``file``, ``line``, ``column``, ``column_name``, ``reason``, ``value``, ``kind``; ``side_stats``:
+    per side file ``{"lines", "rows", "blank_lines", "malformed"}``."""
+
     schema: TableSchema
     source: RawSource
     files: list[Path]
     options: dict[str, Any] = field(default_factory=dict)
+    side_issues: list[dict[str, Any]] = field(default_factory=list)
+    side_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +67,7 @@ class Plan:
 
 
 def _first_line(path: Path, encoding: str = "utf-8") -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return f.readline().decode(encoding, errors="surrogateescape").rstrip("\r\n")
+    return read_first_line(path, encoding)
 
 
 def _resolve(path, candidates: tuple[str, ...], what: str) -> Path:
@@ -74,8 +80,9 @@ def _resolve(path, candidates: tuple[str, ...], what: str) -> Path:
         for c in candidates:
             if (p / c).is_file():
                 return p / c
-        raise FileNotFoundError(f"data_dir {p} holds none of {list(candidates)} ({what})")
-    raise FileNotFoundError(f"data_dir {p} does not exist ({what})")
+        raise DataFileNotFoundError(f"data_dir {p} holds none of {list(candidates)} ({what}); pass the folder "
+                                    "holding the raw file or the file itself")
+    raise DataFileNotFoundError(f"data_dir {p} does not exist ({what}); check the path")
 
 
 def _no_options(what: str, options: dict) -> None:
@@ -118,7 +125,8 @@ def _columns_by_name(header: list[str], wanted: list[str], path: Path) -> dict[s
     lower = {h.strip().lower(): i for i, h in enumerate(header)}
     missing = [w for w in wanted if w.lower() not in lower]
     if missing:
-        raise ValueError(f"{path}: header lacks columns {missing} (header: {header})")
+        raise DataFormatError(f"{path}: header lacks columns {missing} (header: {header[:60]}); the first line "
+                              "must name the columns", file=path)
     return {w: lower[w.lower()] for w in wanted}
 
 
@@ -274,18 +282,76 @@ def movielens_year(title: str, release_date: str = "") -> str:
     return tail if len(tail) == 4 and tail.isdigit() else ""
 
 
-def _read_table(path: Path, sep: str, ncols: int, encoding: str = "latin-1") -> dict[str, list[str]]:
-    out = {}
-    with open(path, encoding=encoding, newline="") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            parts = line.split(sep)
-            if len(parts) != ncols:
-                raise ValueError(f"{path}: line {i}: expected {ncols} '{sep}'-separated columns, got {len(parts)}")
-            out[parts[0]] = parts
-    return out
+class _SideFiles:
+    """Reads the small side tables of a dataset (MovieLens users and movies) line by line.
+
+    A line with the wrong number of columns, or repeating an id already listed, is malformed: it is
+    skipped (the first line of an id wins) and recorded in ``issues`` with its line number, so
+    ``preprocess`` can count it, or raise under ``strict``. A missing file raises
+    :class:`DataFileNotFoundError`, a file without a usable line :class:`DataFormatError`.
+    """
+
+    def __init__(self, dataset: str, main: Path):
+        self.dataset, self.main = dataset, main
+        self.issues: list[dict[str, Any]] = []
+        self.stats: dict[str, dict[str, int]] = {}
+
+    def read(self, path: Path, sep: str, ncols: int, layout: str, encoding: str = "latin-1") -> dict[str, list[str]]:
+        if not path.is_file():
+            raise DataFileNotFoundError(
+                f"{path} is missing: {self.dataset} reads {path.name} ({layout}) from the folder of "
+                f"{self.main.name}; unpack the complete {self.dataset} archive there")
+        out: dict[str, list[str]] = {}
+        first: dict[str, int] = {}
+        st = {"lines": 0, "rows": 0, "blank_lines": 0, "malformed": 0}
+
+        def issue(i, column, reason, kind, value=None):
+            st["malformed"] += 1
+            self.issues.append({"file": str(path), "line": i, "column": column,
+                                "column_name": None if column is None else "id", "reason": reason,
+                                "value": value, "kind": kind})
+
+        with open_raw(path) as (_, f, kind):
+            try:
+                for i, b in enumerate(f, 1):
+                    st["lines"] = i
+                    line = b.decode(encoding, errors="surrogateescape")
+                    if line.endswith("\n"):
+                        line = line[:-1]
+                    if line.endswith("\r"):
+                        line = line[:-1]
+                    if not line:
+                        st["blank_lines"] += 1
+                        continue
+                    parts = line.split(sep)
+                    if len(parts) != ncols:
+                        issue(i, None, f"expected {ncols} '{sep}'-separated columns, got {len(parts)}",
+                              "wrong_column_count")
+                        continue
+                    k = parts[0]
+                    if k in out:
+                        issue(i, 1, f"duplicate id {k!r} (first listed on line {first[k]}, which is kept)",
+                              "duplicate_id", k)
+                        continue
+                    out[k] = parts
+                    first[k] = i
+            except _DECOMPRESS_ERRORS as e:
+                if kind is None:
+                    raise
+                raise _decompress_failed(path, kind, e) from None
+        st["rows"] = len(out)
+        self.stats[path.name] = st
+        if not out:
+            what = "the file is empty" if st["lines"] == 0 else (
+                f"{st['lines']} lines read: {st['malformed']} malformed, {st['blank_lines']} blank, 0 usable")
+            first_issue = next((x for x in self.issues if x["file"] == str(path)), None)
+            if first_issue is not None:
+                what += f"; first: line {first_issue['line']}: {first_issue['reason']}"
+            raise DataFormatError(f"{path}: no usable rows ({what}); each line must be {layout}", file=path)
+        return out
+
+    def plan(self, schema: TableSchema, source: RawSource, files: list[Path], options: dict) -> "Plan":
+        return Plan(schema, source, files, options, side_issues=self.issues, side_stats=self.stats)
 
 
 class _Lookup:
@@ -328,13 +394,16 @@ def plan_movielens1m(path, **options) -> Plan:
         return _plan_movielens_joined(Path(path).expanduser(), "movielens1m")
     ratings = _resolve(path, ("ratings.dat", "ml-1m/ratings.dat"), "movielens1m")
     users_file, movies_file = ratings.parent / "users.dat", ratings.parent / "movies.dat"
+    side = _SideFiles("movielens1m", ratings)
     # users.dat: UserID::Gender::Age::Occupation::Zip-code ; movies.dat: MovieID::Title::Genres
-    users = {k: (v[1], v[2], v[3], v[4]) for k, v in _read_table(users_file, "::", 5).items()}
-    movies = {k: (movielens_year(v[1]), v[2]) for k, v in _read_table(movies_file, "::", 3).items()}
+    users = {k: (v[1], v[2], v[3], v[4]) for k, v in
+             side.read(users_file, "::", 5, "UserID::Gender::Age::Occupation::Zip-code").items()}
+    movies = {k: (movielens_year(v[1]), v[2]) for k, v in
+              side.read(movies_file, "::", 3, "MovieID::Title::Genres").items()}
     schema = TableSchema("movielens1m", ["UserID", "MovieID", "Rating", "Timestamp"], 2, _rating_label,
                          _movielens_fields(users, movies, users_file.name, movies_file.name))
-    return Plan(schema, RawSource(ratings, "::", False, encoding="latin-1"), [ratings, users_file, movies_file],
-                {"format": "dat"})
+    return side.plan(schema, RawSource(ratings, "::", False, encoding="latin-1"), [ratings, users_file, movies_file],
+                     {"format": "dat"})
 
 
 def plan_movielens100k(path, **options) -> Plan:
@@ -345,19 +414,26 @@ def plan_movielens100k(path, **options) -> Plan:
     users_file, items_file, genre_file = data.parent / "u.user", data.parent / "u.item", data.parent / "u.genre"
     genres = list(ML100K_GENRES)
     files = [data, users_file, items_file]
+    side = _SideFiles("movielens100k", data)
     if genre_file.is_file():
         files.append(genre_file)
-        table = _read_table(genre_file, "|", 2)
-        genres = [name for name, _ in sorted(((v[0], int(v[1])) for v in table.values()), key=lambda t: t[1])]
+        table = side.read(genre_file, "|", 2, "genre|index")
+        try:
+            genres = [name for name, _ in sorted(((v[0], int(v[1])) for v in table.values()), key=lambda t: t[1])]
+        except ValueError:
+            raise DataFormatError(f"{genre_file}: a genre index is not an integer; each line must be genre|index",
+                                  file=genre_file) from None
     # u.user: id|age|gender|occupation|zip ; u.item: id|title|release|video release|url|19 genre flags
-    users = {k: (v[2], v[1], v[3], v[4]) for k, v in _read_table(users_file, "|", 5).items()}
+    users = {k: (v[2], v[1], v[3], v[4]) for k, v in
+             side.read(users_file, "|", 5, "id|age|gender|occupation|zip").items()}
     movies = {}
-    for k, v in _read_table(items_file, "|", 5 + len(genres)).items():
+    item_layout = f"id|title|release date|video release date|url|{len(genres)} genre flags"
+    for k, v in side.read(items_file, "|", 5 + len(genres), item_layout).items():
         combo = "|".join(g for g, flag in zip(genres, v[5:]) if flag.strip() == "1")
         movies[k] = (movielens_year(v[1], v[2]), combo)
     schema = TableSchema("movielens100k", ["user", "item", "rating", "timestamp"], 2, _rating_label,
                          _movielens_fields(users, movies, users_file.name, items_file.name))
-    return Plan(schema, RawSource(data, "\t", False, encoding="latin-1"), files, {"format": "u.data"})
+    return side.plan(schema, RawSource(data, "\t", False, encoding="latin-1"), files, {"format": "u.data"})
 
 
 PLANNERS = {

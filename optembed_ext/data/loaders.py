@@ -2,20 +2,25 @@
 
 Cache layout: ``cache_dir/<dataset>-<key>/`` with ``X.npy`` (n, F) global ids (int32 when the
 table has fewer than 2**31 rows), ``y.npy`` (n,) float32, ``feature_map.json``, ``vocab.json``
-(field -> tokens in local-id order) and ``meta.json`` (parameters, source files, statistics).
-``<key>`` hashes the preprocessing parameters and the size and modification time of every raw
-file read, so a changed file or parameter gets a new folder; the split is applied at load time
-and never invalidates the cache. Folders are written under a temporary name and renamed when
-complete.
+(field -> tokens in local-id order) and ``meta.json`` (parameters, fingerprints of the source
+files, statistics, checksums). ``<key>`` hashes the preprocessing parameters and the fingerprint
+(path, size, content hash) of every raw file read, so a changed file or parameter gets a new
+folder; the split is applied at load time and never invalidates the cache. Every load validates
+the folder (checksums, id and label ranges) and rebuilds a corrupt one; concurrent processes
+build a folder once under a file lock. Details: :mod:`optembed_ext.data.cache`.
+
+Errors: bad input raises a :class:`~optembed_ext.data.errors.DataError` subclass
+(:class:`DataFormatError` for an unusable file -- nothing is cached then --,
+:class:`MalformedRowError` under ``strict``, :class:`DataFileNotFoundError` for a missing file).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from . import _stream
+from . import cache as _cache
 from .batching import make_splits
+from .errors import CacheError, MalformedRowError
 from .formats import PLANNERS
 from .types import CTRDataset, FeatureMap, _jsonable
 
@@ -33,7 +40,7 @@ logger = logging.getLogger("optembed_ext.data")
 __all__ = ["DATASETS", "DEFAULT_MIN_COUNT", "PreprocessResult", "preprocess", "load_dataset", "load_vocab",
            "canonical_name"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DATASETS = ("criteo", "avazu", "kdd12", "movielens1m", "movielens100k", "synthetic")
 DEFAULT_MIN_COUNT = {"criteo": 10, "avazu": 10, "kdd12": 10, "movielens1m": 2, "movielens100k": 2}
 _ALIASES = {
@@ -72,6 +79,21 @@ class PreprocessResult:
     def num_rows(self) -> int:
         return int(self.X.shape[0])
 
+    @property
+    def rows_read(self) -> int:
+        """Data lines of the main raw file read (header excluded)."""
+        return int(self.stats.get("rows_read", 0))
+
+    @property
+    def malformed_rows(self) -> int:
+        """Malformed lines skipped in the main raw file (side files: ``stats["side_malformed"]``)."""
+        return int(self.stats.get("malformed", 0))
+
+    @property
+    def padded_rows(self) -> int:
+        """Rows kept although they lacked trailing columns (padded with empty values)."""
+        return int(self.stats.get("padded_rows", 0))
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready overview (for a run's metrics file or the CLI)."""
         return _jsonable({
@@ -82,11 +104,6 @@ class PreprocessResult:
             "params": self.params,
             "stats": {k: v for k, v in self.stats.items() if k != "fields"},
         })
-
-
-def _file_key(p: Path) -> list:
-    st = p.stat()
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool = False):
@@ -107,8 +124,10 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     with the same parameters and unchanged files (``force=True`` rebuilds it); without one the
     arrays are built in memory. ``min_count=None`` uses the dataset default
     (:data:`DEFAULT_MIN_COUNT`: 10 for criteo/avazu/kdd12, 2 for MovieLens). ``max_rows`` caps the
-    data lines read. ``strict=True`` raises ``ValueError`` (file, line, column) on the first
-    malformed row instead of skipping and counting it. ``options`` are format options
+    data lines read. ``strict=True`` raises :class:`MalformedRowError` (a ``ValueError``; file, line,
+    column) on the first malformed row -- including a row lacking trailing columns and a malformed
+    line of a side file -- instead of skipping and counting it. A file without a usable row raises
+    :class:`~optembed_ext.data.errors.DataFormatError` and caches nothing. ``options`` are format options
     (kdd12: ``include_impression``).
     """
     name = canonical_name(name)
@@ -120,58 +139,115 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     plan = PLANNERS[name](data_dir, **options)
     params = {"dataset": name, "min_count": min_count, "strict": bool(strict), "max_rows": max_rows,
               "options": plan.options, "format_version": FORMAT_VERSION}
-    if cache_dir is None:
+    _side_issues(plan, strict)
+
+    def encode(out_dir=None):
         table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
-                                     max_rows=max_rows, chunk_rows=chunk_rows, progress=progress)
+                                     max_rows=max_rows, chunk_rows=chunk_rows, progress=progress, out_dir=out_dir)
+        if plan.side_stats:
+            table.stats["side_files"] = plan.side_stats
+            table.stats["side_malformed"] = len(plan.side_issues)
+            by_reason = {}
+            for x in plan.side_issues:
+                by_reason[x["kind"]] = by_reason.get(x["kind"], 0) + 1
+            table.stats["side_malformed_by_reason"] = by_reason
+            table.stats["side_malformed_examples"] = [{k: v for k, v in x.items() if k != "kind"}
+                                                      for x in plan.side_issues[:_stream._MAX_EXAMPLES]]
+        return table
+
+    if cache_dir is None:
+        table = encode()
         return PreprocessResult(name, None, table.feature_map, table.X, table.y, table.stats, False, params)
 
-    files = [_file_key(p) for p in plan.files]
-    key = hashlib.sha256(json.dumps({"params": params, "files": files}, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprints = [_cache.file_fingerprint(p) for p in plan.files]
+    key_files = [_cache.fingerprint_key(fp) for fp in fingerprints]
+    key = hashlib.sha256(json.dumps({"params": params, "files": key_files}, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / f"{name}-{key}"
-    if final.is_dir() and not force:
-        try:
-            return _load_cached(name, final, params)
-        except (OSError, ValueError, KeyError) as e:
-            logger.warning("cache folder %s is unreadable (%s); rebuilding it", final, e)
+    created_dir = not cache_dir.exists()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{name}-{key}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
-    try:
-        table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
-                                     max_rows=max_rows, chunk_rows=chunk_rows, progress=progress, out_dir=tmp)
-        del table.X, table.y  # flushed memory maps; reopened read-only below
-        table.feature_map.to_json(tmp / "feature_map.json")
-        (tmp / "vocab.json").write_text(json.dumps(table.vocab))
-        meta = {"params": params, "files": files, "stats": table.stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("%s: wrote cache %s", name, final)
-    result = _load_cached(name, final, params, announce=False)
+    final = cache_dir / f"{name}-{key}"
+    _cache.clean_stale_temporaries(cache_dir)
+    wait = f"{name}: waiting for another process that is preprocessing into {final}"
+    with _cache.cache_lock(cache_dir / f".{final.name}.lock", wait_message=wait):
+        if final.is_dir() and not force:
+            try:
+                return _load_cached(name, final, params)
+            except CacheError as e:
+                logger.warning("cache %s is corrupt, rebuilding: %s", final, e)
+        tmp = cache_dir / _cache.temp_name(final.name)
+        tmp.mkdir()
+        try:
+            table = encode(tmp)
+            del table.X, table.y  # flushed memory maps; reopened read-only below
+            table.feature_map.to_json(tmp / "feature_map.json")
+            (tmp / "vocab.json").write_text(json.dumps(table.vocab))
+            meta = {"params": params, "files": fingerprints, "stats": table.stats,
+                    "rows": int(table.stats["rows_kept"]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "checksums": _cache.compute_checksums(tmp)}
+            (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1))
+            won = _cache.install_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created_dir:
+                try:
+                    cache_dir.rmdir()  # nothing was cached: leave no empty cache dir behind
+                except OSError:
+                    pass
+            raise
+        if not won:
+            logger.info("%s: another process wrote %s first; using it", name, final)
+            return _load_cached(name, final, params)
+        logger.info("%s: wrote cache %s", name, final)
+        result = _load_cached(name, final, params, announce=False, full=False)
     result.from_cache = False
     return result
 
 
-def _load_cached(name: str, folder: Path, params: dict, announce: bool = True) -> PreprocessResult:
-    fmap = FeatureMap.from_json(folder / "feature_map.json")
-    meta = json.loads((folder / "meta.json").read_text())
-    X = np.load(folder / "X.npy", mmap_mode="r")
-    y = np.load(folder / "y.npy", mmap_mode="r")
-    if X.ndim != 2 or X.shape[1] != fmap.num_fields or y.shape != (X.shape[0],):
-        raise ValueError(f"cached arrays in {folder} do not match feature_map.json")
+def _side_issues(plan, strict: bool) -> None:
+    """Malformed lines of side files: raise the first under ``strict``, else warn once."""
+    issues = plan.side_issues
+    if not issues:
+        return
+    if strict:
+        x = issues[0]
+        col = "" if x["column"] is None else f", column {x['column']} ({x['column_name']})"
+        shown = "" if x["value"] is None else f" (value {x['value']!r})"
+        raise MalformedRowError(f"malformed row in {x['file']}: line {x['line']}{col}: {x['reason']}{shown}",
+                                file=x["file"], line=x["line"], column=x["column"], reason=x["reason"])
+    x = issues[0]
+    warnings.warn(f"skipped {len(issues)} malformed lines of side files; first: {x['file']}: line {x['line']}: "
+                  f"{x['reason']}", stacklevel=3)
+
+
+def _load_cached(name: str, folder: Path, params: dict, announce: bool = True,
+                 full: bool | None = None) -> PreprocessResult:
+    fmap, meta, X, y = _cache.verify_cache(folder, full=full, format_version=FORMAT_VERSION)
+    if meta.get("params") != _jsonable(params):
+        raise CacheError(f"{folder}: meta.json parameters {meta.get('params')} differ from {params}")
     if announce:
         logger.info("%s: using cached preprocessing %s", name, folder)
     return PreprocessResult(name, folder, fmap, X, y, meta.get("stats", {}), True, params)
 
 
 def load_vocab(cache_path) -> dict[str, list[str]]:
-    """Field -> tokens in local-id order, from a cache folder (``<OOV>`` at 0, ``<EMPTY>`` at 1)."""
-    return json.loads((Path(cache_path) / "vocab.json").read_text())
+    """Field -> tokens in local-id order, from a cache folder (``<OOV>`` at 0, ``<EMPTY>`` at 1).
+
+    Raises :class:`CacheError` when ``vocab.json`` is missing, unreadable or was changed after the
+    cache was written."""
+    folder = Path(cache_path)
+    try:
+        data = (folder / "vocab.json").read_bytes()
+        want = json.loads((folder / "meta.json").read_text()).get("checksums", {}).get("vocab.json")
+        if want is not None and hashlib.blake2b(data, digest_size=16).hexdigest() != want:
+            raise CacheError(f"{folder}: vocab.json changed since the cache was written (checksum mismatch)")
+        vocab = json.loads(data)
+    except CacheError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{folder}: vocab.json is unreadable ({e})") from None
+    if not isinstance(vocab, dict):
+        raise CacheError(f"{folder}: vocab.json is not a JSON object")
+    return vocab
 
 
 def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | None = None, split: str = "random",
