@@ -243,7 +243,9 @@ def test_package_exports_every_embedding_module():
     modules = {"UniformEmbedding": "uniform", "OptEmbedEmbedding": "optembed", "CompactEmbedding": "compact",
                "PEPEmbedding": "pep", "AutoDimEmbedding": "autodim", "MixedDimEmbedding": "autodim",
                "QREmbedding": "qr", "AutoFieldEmbedding": "autofield", "FieldSelectedEmbedding": "autofield"}
-    assert set(nn_pkg.__all__) == set(modules) | {"EmbeddingModule"}
+    helpers = {"CombinedOptimizer", "SupernetHook", "describe", "embedding_modules", "make_optimizer", "make_table",
+               "regularization", "replace_embeddings", "search_dims", "sparsity", "to_compact"}
+    assert set(nn_pkg.__all__) == set(modules) | {"EmbeddingModule"} | helpers
     for name, mod in modules.items():
         cls = getattr(nn_pkg, name)
         assert cls is getattr(importlib.import_module(f"optembed_ext.nn.{mod}"), name)

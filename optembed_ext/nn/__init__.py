@@ -14,6 +14,10 @@ module                      method
 ``FieldSelectedEmbedding``  AutoField's retraining table: the selected fields only
 ==========================  ==========================================================================
 
+Module-level helpers that plug the tables into any PyTorch CTR code (:mod:`.plugin`): ``make_optimizer``,
+``regularization``, ``SupernetHook``, ``search_dims``, ``to_compact``, ``replace_embeddings``; every table has
+``from_cardinalities(cards, dim, local_ids=True)``.
+
 Every module imports only :mod:`torch` and :mod:`.base` at import time (the compiled ops are loaded on first use),
 so importing this package is cheap and cycle-free.
 """
@@ -23,6 +27,8 @@ from .base import EmbeddingModule
 from .compact import CompactEmbedding
 from .optembed import OptEmbedEmbedding
 from .pep import PEPEmbedding
+from .plugin import (CombinedOptimizer, SupernetHook, describe, embedding_modules, make_optimizer, make_table,
+                     regularization, replace_embeddings, search_dims, sparsity, to_compact)
 from .qr import QREmbedding
 from .uniform import UniformEmbedding
 
@@ -37,4 +43,15 @@ __all__ = [
     "QREmbedding",
     "AutoFieldEmbedding",
     "FieldSelectedEmbedding",
+    "CombinedOptimizer",
+    "SupernetHook",
+    "describe",
+    "embedding_modules",
+    "make_optimizer",
+    "make_table",
+    "regularization",
+    "replace_embeddings",
+    "search_dims",
+    "sparsity",
+    "to_compact",
 ]

@@ -126,7 +126,7 @@ class AutoDimEmbedding(EmbeddingModule):
         return torch.softmax(self.alpha / self.temperature, dim=-1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids)
+        ids = self.global_ids(ids)
         cands = torch.stack(self.candidate_embeddings(ids), dim=2)     # (B, F, K, D)
         p = self.selection_weights()                                    # (F, K)
         return (cands * p[None, :, :, None]).sum(dim=2)
@@ -198,7 +198,7 @@ class MixedDimEmbedding(EmbeddingModule):
         self.bn_scale = math.sqrt(2.0 / (self.num_features + embed_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids)
+        ids = self.global_ids(ids)
         local = ids - self.offsets
         cols = []
         for f, df in enumerate(self.dims):

@@ -50,7 +50,7 @@ class AutoFieldEmbedding(EmbeddingModule):
         return torch.softmax(self.alpha / self.temperature, dim=-1)[:, 1]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids)
+        ids = self.global_ids(ids)
         return self.weight[ids] * self.gates()[None, :, None]
 
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -106,7 +106,7 @@ class FieldSelectedEmbedding(EmbeddingModule):
         nn.init.xavier_uniform_(self.weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids)
+        ids = self.global_ids(ids)
         return self.weight[self.row_map[ids]] * self.keep_mask[None, :, None]
 
     def num_params(self) -> int:

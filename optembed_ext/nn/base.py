@@ -1,7 +1,14 @@
 """Base class of every embedding module.
 
 An embedding module maps a batch of global feature ids ``(B, F)`` (field offsets already added, see
-:class:`optembed_ext.data.FeatureMap`) to field embeddings ``(B, F, embed_dim)``. Methods that give a field or a
+:class:`optembed_ext.data.FeatureMap`) to field embeddings ``(B, F, embed_dim)``. With ``local_ids`` (the default of
+:meth:`EmbeddingModule.from_cardinalities`) it takes per-field local ids instead (every field's ids start at 0, as
+DeepCTR-Torch and torchfm pass them) and adds the field offsets itself.
+
+Id checks never synchronise with a device and never guard on data: the shape and dtype are checked in Python, the
+ranges (each field's column within its own block of ids) by one elementwise comparison whose verdict is raised as an
+``IndexError`` in eager mode on the CPU and as a device-side assert (``torch._assert_async``) otherwise (CUDA,
+``torch.compile``, ``torch.export``). Methods that give a field or a
 feature fewer dimensions zero-pad the output to ``embed_dim``, so every module plugs into every model.
 
 Besides ``forward`` a module tells the trainer how to optimise it (``param_groups``, ``regularization``,
@@ -10,8 +17,20 @@ Besides ``forward`` a module tells the trainer how to optimise it (``param_group
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
+
+#: message of the device-side assert raised when global ids look like per-field local ids
+LOCAL_IDS_HINT = "ids look like per-field local ids: pass local_ids=True (or add the field offsets)"
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - old torch
+        return False
 
 
 class EmbeddingModule(nn.Module):
@@ -39,24 +58,102 @@ class EmbeddingModule(nn.Module):
         self.num_fields = num_fields
         self.num_features = int(feature_map.num_features)
         self.embed_dim = embed_dim
+        #: ids passed to ``forward`` are per-field local ids (``0 <= id < cardinality_f``); offsets added inside
+        self.local_ids = False
+        cards = torch.as_tensor([int(c) for c in feature_map.cardinalities], dtype=torch.long)
+        offsets = torch.as_tensor([int(o) for o in feature_map.offsets], dtype=torch.long)
+        # per-field id ranges (not in the state dict): global ids of field f lie in [_id_start[f], _id_end[f])
+        self.register_buffer("_id_start", offsets, persistent=False)
+        self.register_buffer("_id_end", offsets + cards, persistent=False)
+        self.register_buffer("_id_card", cards, persistent=False)
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_cardinalities(cls, cardinalities: Sequence[int], embed_dim: int, *args, local_ids: bool = True,
+                           field_names: Sequence[str] | None = None, dataset: str = "custom", **kwargs):
+        """Build the module from a plain list of field cardinalities (no :class:`FeatureMap` needed).
+
+        ``local_ids=True`` (default): ``forward`` takes per-field local ids (each field's ids start at 0, as
+        DeepCTR-Torch and torchfm pass them), checks each field's range without a host sync and adds the field
+        offsets itself. ``local_ids=False``: global ids (offsets already added). Other arguments go to the
+        constructor (``cls(feature_map, embed_dim, *args, **kwargs)``).
+        """
+        from ..data.types import FeatureMap  # imported lazily: nn imports only torch at import time
+
+        if isinstance(cardinalities, torch.Tensor):
+            cardinalities = cardinalities.tolist()
+        cards = [int(c) for c in cardinalities]
+        names = list(field_names) if field_names is not None else [f"field_{i}" for i in range(len(cards))]
+        module = cls(FeatureMap(dataset, names, cards), embed_dim, *args, **kwargs)
+        module.local_ids = bool(local_ids)
+        return module
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """``ids`` (B, F) int64 global ids -> embeddings (B, F, embed_dim)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(ids)")
 
-    def check_ids(self, ids: torch.Tensor, check_range: bool = True) -> None:
-        """Raise a clear error unless ``ids`` is an integer tensor (B, num_fields) of valid global ids."""
+    def check_ids(self, ids: torch.Tensor, check_range: bool = True, local: bool | None = None) -> None:
+        """Raise a clear error unless ``ids`` is an integer tensor (B, num_fields) of valid ids.
+
+        ``local`` (default: :attr:`local_ids`) says whether the ids are per-field local ids. The range check
+        (``check_range``) compares every column with its own field's range: an ``IndexError`` in eager mode on the
+        CPU, a device-side assert (no host sync, no data-dependent guard) on other devices and while compiling or
+        exporting. Global ids whose every column lies in ``[0, cardinality_f)`` but not in the field's block are
+        reported as looking like per-field local ids.
+        """
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
         if ids.dim() != 2 or ids.shape[1] != self.num_fields:
             raise ValueError(f"ids must have shape (B, {self.num_fields}), got {tuple(ids.shape)}")
-        if check_range and ids.numel() > 0:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_features:
-                raise IndexError(f"ids must lie in [0, {self.num_features}), got values in [{lo}, {hi}]")
+        if check_range:
+            self._check_ranges(ids, self.local_ids if local is None else bool(local))
+
+    def _check_ranges(self, ids: torch.Tensor, local: bool) -> None:
+        card = self._id_card.to(ids.device)
+        in_local = (ids >= 0) & (ids < card)
+        if local:
+            ok = in_local.all()
+            looks_local = None
+        else:
+            start, end = self._id_start.to(ids.device), self._id_end.to(ids.device)
+            ok = ((ids >= start) & (ids < end)).all()
+            # every column within [0, cardinality_f) but not within the field's block: local ids passed as global
+            looks_local = in_local.all() & ~ok if self.num_fields > 1 else None
+        if not _compiling() and ids.device.type == "cpu":
+            if bool(ok):  # a CPU tensor: no device synchronisation
+                return
+            self._raise_range_error(ids, local, looks_local is not None and bool(looks_local))
+        if looks_local is not None:
+            torch._assert_async(~looks_local, f"{type(self).__name__}: {LOCAL_IDS_HINT}")
+        what = "per-field local ids must lie in [0, cardinality_f)" if local else \
+            "ids must lie in their field's range [offset_f, offset_f + cardinality_f)"
+        torch._assert_async(ok, f"{type(self).__name__}: {what}")
+
+    def _raise_range_error(self, ids: torch.Tensor, local: bool, looks_local: bool) -> None:
+        if looks_local:
+            raise IndexError(f"{type(self).__name__}: {LOCAL_IDS_HINT}; every field's ids lie in "
+                             f"[0, cardinality_f) but not in the field's global range")
+        lo_all = torch.zeros_like(self._id_start) if local else self._id_start
+        hi_all = self._id_card if local else self._id_end
+        bad = ((ids < lo_all) | (ids >= hi_all)).any(dim=0)
+        f = int(torch.nonzero(bad).flatten()[0])
+        col = ids[:, f]
+        lo, hi = int(col.min()), int(col.max())
+        if local:
+            raise IndexError(f"per-field local ids must lie in [0, cardinality) = [0, {int(hi_all[f])}) for field "
+                             f"{f}, got values in [{lo}, {hi}]")
+        raise IndexError(f"ids must lie in [0, {self.num_features}) and field {f}'s ids in "
+                         f"[{int(lo_all[f])}, {int(hi_all[f])}), got values in [{lo}, {hi}]")
+
+    def global_ids(self, ids: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Check ``ids`` (see :meth:`check_ids`) and return them as global ids (offsets added with local ids)."""
+        self.check_ids(ids, check_range=check_range)
+        if self.local_ids:
+            return ids + self._id_start.to(device=ids.device, dtype=ids.dtype)
+        return ids
 
     # ---------------------------------------------------------------- training
     def regularization(self) -> torch.Tensor:

@@ -159,7 +159,8 @@ class CompactEmbedding(EmbeddingModule):
 
     # ---------------------------------------------------------------- forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids, check_range=False)  # the op validates the range (check_indices) without a sync
+        # per-field ranges checked without a host sync (device-side assert); the op checks the remapped rows
+        ids = self.global_ids(ids, check_range=self.check_indices)
         return _ops().compact_embedding(self.packed, self.field_offsets, self.field_dims, self.remap, ids,
                                         self.embed_dim, self.oov_weight, check_indices=self.check_indices,
                                         sparse=self.sparse_grad)

@@ -36,7 +36,8 @@ class OptEmbedEmbedding(EmbeddingModule):
         embed_dim: maximum embedding dimension ``D``.
         norm: ``p`` of the row norm compared with the threshold, 1 (default, as the paper) or 2.
         alpha: weight of the threshold regulariser ``alpha * sum_f exp(-t_f)`` (default 3e-4).
-        threshold_lr: learning rate of the thresholds (default 3e-4); they get no weight decay.
+        threshold_lr: learning rate of the thresholds (default 1e-2, the value of the shipped configs); they get no
+            weight decay (see :func:`optembed_ext.nn.make_optimizer`).
         threshold_init: initial value of every threshold (default 0).
         prune_rows: learn thresholds (False: no row pruning, the OptEmbed-D supernet).
         oov: pruned rows output a learned per-field OOV vector instead of zeros.
@@ -44,11 +45,17 @@ class OptEmbedEmbedding(EmbeddingModule):
         sparse: if True the gradient of the table ``weight`` is a sparse COO tensor with one row per looked-up id
             (like ``nn.Embedding(sparse=True)``), for the row-sparse optimizers (``sparse_adam``, ``fused_adam``,
             ...); the thresholds and OOV vectors keep dense gradients.
+        sample_dims: the supernet's per-batch dimension sampling inside ``forward``: in training mode, while no
+            dims are set and the mask is not frozen, every sample keeps a random prefix ``k in 1..D`` of each
+            field (what ``set_dims((B, F))`` before every batch did; compiles and exports).
+
+    :meth:`from_cardinalities` builds it from a list of field cardinalities and, by default, takes per-field local
+    ids (``local_ids=True``).
     """
 
     def __init__(self, feature_map, embed_dim: int = 64, *, norm: int = 1, alpha: float = 3e-4,
-                 threshold_lr: float = 3e-4, threshold_init: float = 0.0, prune_rows: bool = True,
-                 oov: bool = False, check_indices: bool = True, sparse: bool = False):
+                 threshold_lr: float = 1e-2, threshold_init: float = 0.0, prune_rows: bool = True,
+                 oov: bool = False, check_indices: bool = True, sparse: bool = False, sample_dims: bool = False):
         super().__init__(feature_map, embed_dim)
         if norm not in NORMS:
             raise ValueError(f"norm must be 1 or 2, got {norm!r}")
@@ -64,6 +71,7 @@ class OptEmbedEmbedding(EmbeddingModule):
         self.prune_rows = bool(prune_rows)
         self.check_indices = bool(check_indices)
         self.sparse_grad = bool(sparse)
+        self.sample_dims = bool(sample_dims)
         self.weight = nn.Parameter(torch.empty(self.num_features, embed_dim))
         if self.prune_rows:
             self.threshold = nn.Parameter(torch.full((self.num_fields,), self.threshold_init))
@@ -89,13 +97,23 @@ class OptEmbedEmbedding(EmbeddingModule):
                 self.threshold.fill_(self.threshold_init)
 
     # ------------------------------------------------------------------ state
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # The frozen masks are None-valued buffers until freeze(); adopt their shape from the state dict.
+        absent = []
         for name in ("fixed_row_mask", "fixed_field_dims"):
             key = prefix + name
             if key in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            elif key not in state_dict:
+                absent.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # Pre-freeze weights (no frozen masks in the state dict) load into a frozen module and keep its masks:
+        # the lottery-ticket retraining loads the supernet's initial weights this way.
+        for key in absent:
+            if key in missing_keys:
+                missing_keys.remove(key)
 
     @property
     def frozen(self) -> bool:
@@ -118,6 +136,13 @@ class OptEmbedEmbedding(EmbeddingModule):
         self.fixed_field_dims = None if field_dims is None else self._check_field_dims(field_dims)
         if self.threshold is not None:
             self.threshold.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        """Undo :meth:`freeze`: the thresholds decide the row mask again (and are trained), all ``D`` dims kept."""
+        self.fixed_row_mask = None
+        self.fixed_field_dims = None
+        if self.threshold is not None:
+            self.threshold.requires_grad_(True)
 
     def _check_field_dims(self, field_dims) -> torch.Tensor:
         dims = torch.as_tensor(field_dims, dtype=torch.long, device=self.weight.device)
@@ -157,13 +182,16 @@ class OptEmbedEmbedding(EmbeddingModule):
                 dims = None
             elif dims.shape[0] != batch:
                 raise ValueError(f"per-sample dims have batch {dims.shape[0]} but ids have batch {batch}")
+        if dims is None and self.sample_dims and self.training and not self.frozen:
+            # the supernet's random prefix per sample and field, drawn in the graph (no host sync)
+            dims = torch.randint(1, self.embed_dim + 1, (batch, self.num_fields), device=self.weight.device)
         if dims is None:
             dims = self.fixed_field_dims
         return dims
 
     # ---------------------------------------------------------------- forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids, check_range=self.check_indices)
+        ids = self.global_ids(ids, check_range=self.check_indices)
         ops = _ops()
         dims = self._forward_dims(ids.shape[0])
         if not self.frozen:
@@ -206,6 +234,25 @@ class OptEmbedEmbedding(EmbeddingModule):
         if self.threshold is None:
             return torch.ones(self.num_features, dtype=torch.bool, device=self.weight.device)
         return _ops().row_mask(self.weight.detach(), self.field_of_row, self.threshold.detach(), self.norm)
+
+    @torch.no_grad()
+    def to_compact(self, field_dims=None, **kwargs):
+        """The served table: a :class:`~optembed_ext.nn.CompactEmbedding` of the kept rows at their field dims.
+
+        Same input contract (the same ids, local or global, go in) and, in evaluation mode, the same outputs as
+        this module: kept rows at their field dims, pruned rows zeros (or the OOV vector). ``field_dims`` (F,)
+        defaults to the frozen field dims, else ``D``; ``kwargs`` go to :meth:`CompactEmbedding.from_table`
+        (``remap_dtype``, ``sparse``, ...).
+        """
+        from .compact import CompactEmbedding
+
+        dims = self.field_dims() if field_dims is None else [int(d) for d in self._check_field_dims(field_dims)]
+        kwargs.setdefault("check_indices", self.check_indices)
+        oov = None if self.oov_weight is None else self.oov_weight.detach()
+        compact = CompactEmbedding.from_table(self.feature_map, self.weight.detach(), self.row_mask(), dims, oov,
+                                              **kwargs)
+        compact.local_ids = self.local_ids
+        return compact
 
     def field_dims(self) -> list[int]:
         """Dimension of each field as served: the frozen field dims, else ``D`` for every field."""

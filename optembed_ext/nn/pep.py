@@ -148,7 +148,7 @@ class PEPEmbedding(EmbeddingModule):
 
     # ---------------------------------------------------------------- forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids)
+        ids = self.global_ids(ids)
         v = self.weight[ids]                                     # (B, F, D)
         if self.retrain:
             return v * self.mask[ids]
@@ -160,6 +160,21 @@ class PEPEmbedding(EmbeddingModule):
         if self.s.requires_grad:
             groups.append({"params": [self.s], "lr": self.threshold_lr or lr, "weight_decay": weight_decay})
         return groups
+
+    @torch.no_grad()
+    def to_compact(self, **kwargs):
+        """The effective table without its all-zero rows, as a :class:`~optembed_ext.nn.CompactEmbedding`.
+
+        Same ids in (local or global), the same outputs out; rows that PEP pruned entirely are not stored (the
+        element-wise zeros inside kept rows are; PEP's element-level sparsity is what :meth:`memory_bytes`
+        counts as CSR). ``kwargs`` go to :meth:`CompactEmbedding.from_table`.
+        """
+        from .compact import CompactEmbedding
+
+        table = self.sparse_weight().detach()
+        compact = CompactEmbedding.from_table(self.feature_map, table, (table != 0).any(dim=1), **kwargs)
+        compact.local_ids = self.local_ids
+        return compact
 
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:

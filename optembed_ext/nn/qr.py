@@ -115,7 +115,7 @@ class QREmbedding(EmbeddingModule):
         return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids)
+        ids = self.global_ids(ids)
         local = ids - self.offsets
         cols = []
         for f, c in enumerate(self.collisions):

@@ -47,7 +47,7 @@ class UniformEmbedding(EmbeddingModule):
             nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids, check_range=self.check_indices)
+        ids = self.global_ids(ids, check_range=self.check_indices)
         return F.embedding(ids, self.weight, sparse=self.sparse_grad)
 
     def num_params(self) -> int:
