@@ -366,7 +366,7 @@ def _remove_tree(path: Path) -> bool:
         return False
 
 
-def clean_stale_temporaries(cache_dir) -> list[Path]:
+def clean_stale_temporaries(cache_dir, *, temporaries: bool = True, locks: bool = True) -> list[Path]:
     """Remove temporary / replaced folders of dead processes and unused lock files in ``cache_dir``."""
     cache_dir = Path(cache_dir)
     removed = []
@@ -377,11 +377,11 @@ def clean_stale_temporaries(cache_dir) -> list[Path]:
     for p in entries:
         m = _TEMP_RE.match(p.name)
         if m is not None:
-            if not _temp_owner_alive(m) and _remove_tree(p):
+            if temporaries and not _temp_owner_alive(m) and _remove_tree(p):
                 logger.info("removed the temporary folder %s of a dead process", p)
                 removed.append(p)
             continue
-        if _LOCK_RE.match(p.name) and p.is_file():
+        if locks and _LOCK_RE.match(p.name) and p.is_file():
             with cache_lock(p, blocking=False) as held:
                 if held:
                     removed.append(p)  # unlinked on release
@@ -560,8 +560,8 @@ def clean_caches(root, *, statuses=("stale", "corrupt", "orphaned"), datasets=No
                 continue
             if _remove_tree(aside):
                 removed.append(e)
-    if not dry_run:
-        clean_stale_temporaries(root)
+    if not dry_run and root.is_dir():
+        clean_stale_temporaries(root, temporaries="orphaned" in statuses)
     return removed
 
 

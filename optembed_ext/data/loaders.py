@@ -168,6 +168,20 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     final = cache_dir / f"{name}-{key}"
     _cache.clean_stale_temporaries(cache_dir)
     wait = f"{name}: waiting for another process that is preprocessing into {final}"
+    try:
+        result = _build_or_load(name, final, params, force, encode, fingerprints, wait)
+    except BaseException:
+        if created_dir:
+            try:
+                cache_dir.rmdir()  # nothing was cached: leave no empty cache dir behind
+            except OSError:
+                pass
+        raise
+    return result
+
+
+def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait) -> PreprocessResult:
+    cache_dir = final.parent
     with _cache.cache_lock(cache_dir / f".{final.name}.lock", wait_message=wait):
         if final.is_dir() and not force:
             try:
@@ -188,11 +202,6 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
             won = _cache.install_folder(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if created_dir:
-                try:
-                    cache_dir.rmdir()  # nothing was cached: leave no empty cache dir behind
-                except OSError:
-                    pass
             raise
         if not won:
             logger.info("%s: another process wrote %s first; using it", name, final)
