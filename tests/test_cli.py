@@ -48,7 +48,7 @@ def test_python_dash_m_entry_point():
 
 
 def test_a_listed_module_that_fails_to_import_is_an_error(monkeypatch):
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("optembed_ext.train.cli", "optembed_ext.search.no_such_module"))
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("optembed_ext.cli.train", "optembed_ext.cli.no_such_module"))
     with pytest.raises(ImportError, match="no_such_module"):
         cli.build_parser()
 

@@ -324,7 +324,7 @@ def test_search_with_a_fused_sparse_optimizer_runs_end_to_end(tiny_data, tmp_pat
 def test_example_search_configs_resolve(name):
     from pathlib import Path
 
-    from optembed_ext.search import optembed_cli
+    from optembed_ext.cli import search as optembed_cli
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
     parser = cli.build_parser()

@@ -4,7 +4,7 @@ import torch
 
 from optembed_ext.data import FeatureMap, make_synthetic
 from optembed_ext.nn.qr import QREmbedding, resolve_collisions
-from optembed_ext.search.compare import QRConfig, run_qr
+from optembed_ext.search.qr import QRConfig, run_qr
 from optembed_ext.train import TrainConfig
 
 CARDS = [10, 7, 1, 33, 4]

@@ -9,11 +9,9 @@ from .compact import (
     FORMAT,
     FORMAT_VERSION,
     CompactCTRModel,
-    add_export_arguments,
     compact_from_model,
     compare_with_uniform,
     export_compact,
-    export_main,
     export_run,
     format_report,
     load_compact,
@@ -27,8 +25,8 @@ from .compact import (
 )
 
 __all__ = [
-    "DEFAULT_EXPORT_FILE", "FORMAT", "FORMAT_VERSION", "CompactCTRModel", "add_export_arguments",
-    "compact_from_model", "compare_with_uniform", "export_compact", "export_main", "export_run", "format_report",
+    "DEFAULT_EXPORT_FILE", "FORMAT", "FORMAT_VERSION", "CompactCTRModel",
+    "compact_from_model", "compare_with_uniform", "export_compact", "export_run", "format_report",
     "load_compact", "load_run", "masked_model_from_result", "measure_latency", "random_ids", "save_compact",
     "uniform_memory_bytes", "uniform_model_like",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -19,24 +20,15 @@ import torch
 from torch import nn
 
 from ..nn.compact import CompactEmbedding
+from ..results import RESULT_FILE, build_retrained_model, load_search_result, result_path  # noqa: F401
+from ..results import feature_map_from_dict as _feature_map_from_dict
+from ..results import feature_map_to_dict as _feature_map_to_dict
+
+_log = logging.getLogger(__name__)
 
 FORMAT = "optembed-compact"
 FORMAT_VERSION = 1
-RESULT_FILE = "optembed_result.pt"
 DEFAULT_EXPORT_FILE = "compact_model.pt"
-
-
-def _feature_map_from_dict(d: dict):
-    from ..data import FeatureMap
-
-    return FeatureMap.from_dict(d)
-
-
-def _feature_map_to_dict(fmap) -> dict:
-    if hasattr(fmap, "to_dict"):
-        return fmap.to_dict()
-    return {"dataset": fmap.dataset, "field_names": list(fmap.field_names),
-            "cardinalities": [int(c) for c in fmap.cardinalities]}
 
 
 class CompactCTRModel(nn.Module):
@@ -174,7 +166,7 @@ def export_compact(source, *, model_name: str | None = None, model_cfg: dict | N
                    row_mask: torch.Tensor | None = None, field_dims: Sequence[int] | None = None,
                    remap_dtype: torch.dtype = torch.int32, check_indices: bool = True) -> CompactCTRModel:
     """Compact model of ``source``: a finished OptEmbed run folder (or its ``optembed_result.pt``), the dict of
-    :func:`optembed_ext.search.optembed.load_search_result`, or a live CTR model (see :func:`compact_from_model`).
+    :func:`optembed_ext.results.load_search_result`, or a live CTR model (see :func:`compact_from_model`).
 
     The result predicts exactly what the masked model predicts (up to float summation order in the backbone).
     """
@@ -189,23 +181,13 @@ def export_compact(source, *, model_name: str | None = None, model_cfg: dict | N
 
 
 def load_run(path) -> dict:
-    """``optembed_result.pt`` of a run folder (or the file itself) as a dict (see ``load_search_result``)."""
-    from ..search.optembed import load_search_result
-
-    path = Path(path)
-    if path.is_file():
-        if path.name != RESULT_FILE:
-            raise ValueError(f"expected a run folder or its {RESULT_FILE}, got the file {path}")
-        path = path.parent
-    if not path.exists():
-        raise FileNotFoundError(f"run folder not found: {path}")
-    return load_search_result(path)
+    """``optembed_result.pt`` of a run folder (or the file itself) as a dict (see
+    :func:`optembed_ext.results.load_search_result`)."""
+    return load_search_result(result_path(path).parent)
 
 
 def masked_model_from_result(result: dict) -> nn.Module:
     """The retrained masked model (frozen row mask and field dims) of a search result, in eval mode."""
-    from ..search.optembed import build_retrained_model
-
     return build_retrained_model(result).eval()
 
 
@@ -329,11 +311,12 @@ def compare_with_uniform(model: CompactCTRModel, ids: torch.Tensor | None = None
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------------ run folders
 def export_run(run, out=None, *, batch_size: int = 4096, repeats: int = 20, benchmark: bool = True,
-               device: str = "cpu", log=print) -> Path:
+               device: str = "cpu", log=None) -> Path:
     """Export the run folder ``run`` to ``out`` (a file, or a folder receiving ``compact_model.pt``; default
-    ``run/compact_model.pt``) and write ``<out>.json`` with the memory and latency comparison. Returns ``out``."""
+    ``run/compact_model.pt``) and write ``<out>.json`` with the memory and latency comparison. Returns ``out``.
+    ``log`` receives the summary (:func:`format_report`; default: this module's ``logging`` logger)."""
     run = Path(run)
     result = load_run(run)
     run_dir = run.parent if run.is_file() else run
@@ -358,8 +341,7 @@ def export_run(run, out=None, *, batch_size: int = 4096, repeats: int = 20, benc
                                                                         reloaded.embedding.embed_dim)}})
     report_path = out_path.with_name(out_path.name + ".json")
     report_path.write_text(json.dumps(report, indent=1))
-    if log is not None:
-        log(format_report(report))
+    (log or _log.info)(format_report(report))
     return out_path
 
 
@@ -377,23 +359,3 @@ def format_report(report: dict) -> str:
     if "max_abs_logit_diff_vs_masked" in report:
         lines.append(f"max |logit(compact) - logit(masked)| = {report['max_abs_logit_diff_vs_masked']:.3g}")
     return "\n".join(lines)
-
-
-def add_export_arguments(parser) -> None:
-    """Options of ``optembed export`` (see :func:`export_main`)."""
-    parser.add_argument("--run", required=True, help="run folder of a finished `optembed search`")
-    parser.add_argument("--out", default=None, help="output file (default <run>/compact_model.pt)")
-    parser.add_argument("--batch-size", type=int, default=4096, help="batch size of the latency measurement")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions of the latency measurement")
-    parser.add_argument("--no-benchmark", dest="benchmark", action="store_false",
-                        help="skip the latency comparison")
-    parser.add_argument("--device", default="cpu", help="device of the latency measurement")
-
-
-def export_main(args) -> int:
-    """``optembed export --run runs/x --out model.pt``: argparse namespace with the options of
-    :func:`add_export_arguments` (missing ones take their defaults)."""
-    export_run(args.run, getattr(args, "out", None), batch_size=int(getattr(args, "batch_size", 4096)),
-               repeats=int(getattr(args, "repeats", 20)), benchmark=bool(getattr(args, "benchmark", True)),
-               device=getattr(args, "device", "cpu"))
-    return 0

@@ -1,7 +1,7 @@
 """AutoField search schedule: field gates trained on validation batches, keep the top fields, retrain.
 
 Search: an :class:`~optembed_ext.nn.autofield.AutoFieldEmbedding` (full table, per-field Gumbel keep/drop
-gate) is trained by the shared trainer while :class:`~optembed_ext.search.autodim.DartsArchitectureCallback`
+gate) is trained by the shared trainer while :class:`~optembed_ext.search.darts.DartsArchitectureCallback`
 updates the gate logits on ``trainer.next_val_batch()`` (first-order DARTS) and anneals the temperature.
 
 Selection and retraining: the ``keep`` fields with the highest keep probability are kept (``keep`` is a
@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ..nn.autofield import AutoFieldEmbedding, FieldSelectedEmbedding
-from .autodim import DartsArchitectureCallback
-from .compare import dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
+from ..results import MethodResult
+from .base import Method, register_method
+from .common import RunSettings, dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
+from .darts import DartsArchitectureCallback
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +126,20 @@ def run_autofield(data, model_name: str, embed_dim: int, train_config, config: A
 
 def autofield_config_from_dict(values: dict) -> AutoFieldConfig:
     return dataclass_from_dict(AutoFieldConfig, values, "AutoField")
+
+
+@register_method
+class AutoField(Method):
+    """AutoField (Wang et al., WWW 2022) on the shared trainer: :func:`run_autofield`."""
+
+    name = "autofield"
+    title = "AutoField"
+    config_class = AutoFieldConfig
+    help = "AutoField: field gates searched on validation data, keep the top fields, retrain"
+
+    def build_embedding(self, feature_map, embed_dim: int) -> AutoFieldEmbedding:
+        return AutoFieldEmbedding(feature_map, embed_dim)
+
+    def run(self, data, model_name: str, settings: RunSettings, run_dir=None) -> MethodResult:
+        return MethodResult.from_dict(run_autofield(data, model_name, settings.embed_dim, settings.train,
+                                                    self.config, model_cfg=settings.model_cfg, run_dir=run_dir))

@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from ..nn.pep import THRESHOLD_TYPES, PEPEmbedding, default_threshold_init
+from ..results import MethodResult
 from ..train.callbacks import Callback
-from .compare import dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
+from .base import Method, register_method
+from .common import RunSettings, dataclass_from_dict, make_row, method_train_config, seed_everything, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,7 @@ def run_pep(data, model_name: str, embed_dim: int, train_config, config: PEPConf
             model_cfg: dict | None = None, run_dir=None) -> dict:
     """Prune once, then retrain at every budget reached. Returns ``{"rows": [...], "search": {...}}``.
 
-    Each row is a result row (see :func:`optembed_ext.search.compare.make_row`) for one budget; its
+    Each row is a result row (see :func:`optembed_ext.search.common.make_row`) for one budget; its
     ``train_seconds`` include the pruning run's training time (also given as ``search_seconds``). Targets not
     reached are replaced (``final_mask``) by one retraining with the mask of the pruning run's last epoch.
     Run folders: ``run_dir/prune`` and ``run_dir/retrain-<target>`` (``run_dir/retrain-final``).
@@ -249,3 +251,29 @@ def _tmpdir() -> str:
 
 def pep_config_from_dict(values: dict) -> PEPConfig:
     return dataclass_from_dict(PEPConfig, values, "PEP")
+
+
+@register_method
+class PEP(Method):
+    """PEP (Liu et al., ICLR 2021) on the shared trainer: :func:`run_pep`.
+
+    ``weight_decay`` and ``batch_size`` repeat shared training options: ``optembed pep`` takes them from
+    ``--weight-decay`` / ``--batch-size`` (whose defaults there are the official 1e-5 / 1024)."""
+
+    name = "pep"
+    title = "PEP"
+    config_class = PEPConfig
+    help = "PEP: soft-threshold pruning at several budgets, then (lottery-ticket) retraining"
+    shared_fields = ("weight_decay", "batch_size")
+    #: official PEP training defaults (ssui-liu/learnable-embed-sizes-for-RecSys)
+    train_defaults = {"weight_decay": 1e-5, "batch_size": 1024}
+
+    def build_embedding(self, feature_map, embed_dim: int) -> PEPEmbedding:
+        c = self.config
+        s_init = c.threshold_init if c.threshold_init is not None else default_threshold_init(feature_map.dataset)
+        return PEPEmbedding(feature_map, embed_dim, threshold_type=c.threshold_type, threshold_init=s_init,
+                            gk=c.gk, threshold_lr=c.threshold_lr)
+
+    def run(self, data, model_name: str, settings: RunSettings, run_dir=None) -> MethodResult:
+        return MethodResult.from_dict(run_pep(data, model_name, settings.embed_dim, settings.train, self.config,
+                                              model_cfg=settings.model_cfg, run_dir=run_dir))

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,131 +32,9 @@ from .checkpoint import CHECKPOINT_NAME, CHECKPOINT_VERSION, get_rng_state, load
     seed_everything, set_rng_state
 from .config import TrainConfig, append_log, save_json
 from .metrics import Timer, embedding_stats, log_loss, roc_auc
+from .optimizers import OPTIMIZERS, SPARSE_GRAD_OPTIMIZERS, MultiOptimizer, build_optimizer  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ optimizers
-class MultiOptimizer:
-    """Several torch optimizers stepped together (e.g. SparseAdam for sparse tables + Adam for the rest)."""
-
-    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
-        self.optimizers = list(optimizers)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        states = state["optimizers"]
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"optimizer state holds {len(states)} optimizers, this trainer has {len(self.optimizers)}")
-        for opt, s in zip(self.optimizers, states):
-            opt.load_state_dict(s)
-
-    def __repr__(self):
-        return f"MultiOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
-
-
-def _strip_decay(groups: list[dict], what: str) -> list[dict]:
-    out = []
-    for g in groups:
-        g = dict(g)
-        if g.pop("weight_decay", 0.0):
-            logger.warning("weight decay is not applied to parameters with sparse gradients (%s)", what)
-        out.append(g)
-    return out
-
-
-def _make_adam(dense: list[dict], sparse: list[dict], config: TrainConfig) -> list[torch.optim.Optimizer]:
-    opts = []
-    if dense:
-        opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
-    if sparse:
-        opts.append(torch.optim.SparseAdam(_strip_decay(sparse, "SparseAdam"), lr=config.lr))
-    return opts
-
-
-def _make_adagrad(dense, sparse, config):
-    opts = []
-    if dense:
-        opts.append(torch.optim.Adagrad(dense, lr=config.lr, weight_decay=config.weight_decay))
-    if sparse:
-        opts.append(torch.optim.Adagrad([dict(g, weight_decay=0.0) for g in _strip_decay(sparse, "Adagrad")],
-                                        lr=config.lr))
-    return opts
-
-
-def _make_sgd(dense, sparse, config):
-    opts = []
-    if dense:
-        opts.append(torch.optim.SGD(dense, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay))
-    if sparse:
-        opts.append(torch.optim.SGD([dict(g, weight_decay=0.0, momentum=0.0) for g in _strip_decay(sparse, "SGD")],
-                                    lr=config.lr))
-    return opts
-
-
-def _make_fused(kind: str) -> Callable[[list, list, TrainConfig], list]:
-    """Factory of ``fused_<kind>``: the sparse tables with :class:`optembed_ext.optim.FusedSparseOptimizer` (only
-    the touched rows are updated, O(B*F*D) per step), every other parameter with dense Adam."""
-
-    def make(dense, sparse, config):
-        from ..optim import make_fused_optimizer
-
-        opts = []
-        if dense:
-            opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
-        if sparse:
-            opts.append(make_fused_optimizer(kind, [{"params": g["params"], "lr": g["lr"],
-                                                     "weight_decay": g["weight_decay"]} for g in sparse]))
-        return opts
-
-    return make
-
-
-def _request_sparse_grad(emb: nn.Module) -> bool:
-    """Switch on sparse table gradients of ``emb`` when its class supports them (a ``sparse`` constructor argument
-    mirrored by the ``sparse_grad`` attribute, e.g. ``UniformEmbedding``, ``CompactEmbedding``). Returns whether
-    the table gradient is sparse now."""
-    if getattr(emb, "sparse_grad", False):
-        return True
-    supported = getattr(emb, "supports_sparse_grad", None)
-    if supported is None:
-        try:
-            supported = "sparse" in inspect.signature(type(emb).__init__).parameters
-        except (TypeError, ValueError):
-            supported = False
-    if supported:
-        emb.sparse_grad = True
-    return bool(supported)
-
-
-#: optimizer name -> factory(dense_groups, sparse_groups, config) -> list of torch optimizers. The sparse groups
-#: hold the parameters listed by ``embedding.sparse_parameters()`` (sparse COO gradients).
-OPTIMIZERS: dict[str, Callable[[list, list, TrainConfig], list]] = {
-    "adam": _make_adam,
-    "sparse_adam": _make_adam,
-    "adagrad": _make_adagrad,
-    "sgd": _make_sgd,
-    "fused_sgd": _make_fused("sgd"),
-    "fused_adagrad": _make_fused("adagrad"),
-    "fused_adam": _make_fused("adam"),
-}
-
-#: optimizers for which the trainer switches on the embedding table's sparse gradient (when the module supports it)
-SPARSE_GRAD_OPTIMIZERS = frozenset({"fused_sgd", "fused_adagrad", "fused_adam"})
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -207,57 +84,10 @@ class Trainer:
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
-        self.optimizer = self._build_optimizer(extra_param_groups)
+        self.optimizer = build_optimizer(self.model, self.config, extra_param_groups)
         self._reset_state()
 
     # ---------------------------------------------------------------------------------------- setup
-    def _build_optimizer(self, extra_param_groups) -> MultiOptimizer:
-        cfg = self.config
-        emb = self.model.embedding
-
-        def normalise(groups, what):
-            out = []
-            for g in groups:
-                if not isinstance(g, dict) or "params" not in g:
-                    raise TypeError(f"{what} must be dicts with a 'params' entry, got {g!r}")
-                g = dict(g)
-                params = g["params"]
-                g["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-                g.setdefault("lr", cfg.lr)
-                g.setdefault("weight_decay", cfg.weight_decay)
-                out.append(g)
-            return out
-
-        emb_lr = cfg.lr if cfg.embedding_lr is None else cfg.embedding_lr
-        emb_groups = [dict(g, lr=g.get("lr", emb_lr)) for g in emb.param_groups(emb_lr, cfg.weight_decay)]
-        emb_groups = normalise(emb_groups, "embedding.param_groups()")
-        extra = normalise(extra_param_groups or [], "extra_param_groups")
-        seen: set[int] = set()
-        for g in emb_groups + extra:
-            for p in g["params"]:
-                if id(p) in seen:
-                    raise ValueError("a parameter appears in more than one optimizer parameter group")
-                seen.add(id(p))
-        emb_ids = {id(p) for p in emb.parameters()}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in emb_ids and id(p) not in seen]
-        groups = emb_groups + ([{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}] if rest else [])
-        groups += extra
-        if cfg.optimizer in SPARSE_GRAD_OPTIMIZERS and not _request_sparse_grad(emb):
-            logger.warning("%s: %s has no sparse gradient; its parameters use dense Adam", cfg.optimizer,
-                           type(emb).__name__)
-        sparse_ids = {id(p) for p in emb.sparse_parameters()}
-        dense_groups, sparse_groups = [], []
-        for g in groups:
-            d = [p for p in g["params"] if id(p) not in sparse_ids]
-            s = [p for p in g["params"] if id(p) in sparse_ids]
-            if d:
-                dense_groups.append(dict(g, params=d))
-            if s:
-                sparse_groups.append(dict(g, params=s))
-        if not dense_groups and not sparse_groups:
-            raise ValueError("the model has no trainable parameters")
-        return MultiOptimizer(OPTIMIZERS[cfg.optimizer](dense_groups, sparse_groups, cfg))
-
     def _reset_state(self) -> None:
         self.epoch = 0
         self.step_in_epoch = 0

@@ -30,240 +30,34 @@ parameters) are saved once in ``out_dir/init_state.pt`` before the first phase.
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import math
+import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..nn.optembed import OptEmbedEmbedding
-from ..train.callbacks import Callback
-from .evolution import EvolutionConfig, EvolutionSearch, measure_speedup
+from ...nn.optembed import OptEmbedEmbedding
+from ...results import RESULT_FILE, build_optembed_model as _build_optembed_model
+from ...results import build_retrained_model, load_search_result  # noqa: F401  (re-exported)
+from ...results import read_json, save_search_result, write_json
+from ..evolution import EvolutionSearch, measure_speedup
+from .callbacks import OptEmbedSupernetCallback, WallTimeCallback
+from .config import OptEmbedConfig
 
-RESULT_FILE = "optembed_result.pt"
-RETRAIN_INITS = ("lottery", "fresh")
-ABLATION_SUPERNETS = ("separate", "shared")
-
-
-# =========================================================================== configuration
-@dataclass
-class OptEmbedConfig:
-    """All settings of an OptEmbed run (defaults: the OptEmbed reference code).
-
-    Training settings apply to every trained phase (uniform, supernets, retraining); ``supernet_epochs`` /
-    ``retrain_epochs`` override ``epochs`` for one kind of phase. ``patience`` is the early-stopping patience on
-    validation AUC (the reference code stops at the first epoch without improvement: 1). ``optimizer`` is any
-    trainer optimizer; the fused row-sparse ones (``fused_adam``, ``fused_adagrad``, ``fused_sgd``) switch the
-    OptEmbed table (and the uniform baseline's) to sparse gradients, so only the looked-up rows are updated.
-    """
-
-    # embedding / backbone
-    embed_dim: int = 64
-    model_cfg: dict = field(default_factory=dict)
-    # supernet (row pruning)
-    norm: int = 1
-    alpha: float = 3e-4
-    threshold_lr: float = 3e-4
-    threshold_init: float = 0.0
-    oov: bool = False
-    # training
-    lr: float = 1e-4
-    weight_decay: float = 5e-5
-    batch_size: int = 2048
-    eval_batch_size: int = 8192
-    optimizer: str = "adam"
-    epochs: int = 30
-    supernet_epochs: int | None = None
-    retrain_epochs: int | None = None
-    patience: int | None = 1
-    max_steps_per_epoch: int | None = None
-    seed: int = 2022
-    device: str = "cpu"
-    progress: bool = False
-    # evolutionary search
-    generations: int = 30
-    mutation_num: int = 10
-    crossover_num: int = 10
-    keep_num: int = 0
-    m_prob: float = 0.1
-    top_k: int | None = None
-    evo_seed: int = 0
-    evo_batch_size: int = 4096
-    max_stack_rows: int | None = None
-    measure_speedup: bool = True
-    # retraining
-    retrain_init: str = "lottery"
-    # what to run
-    baseline: bool = True
-    retrain: bool = True
-    ablations: bool = False
-    ablation_supernets: str = "separate"
-    export: bool = True
-
-    def __post_init__(self):
-        if self.retrain_init not in RETRAIN_INITS:
-            raise ValueError(f"retrain_init must be one of {RETRAIN_INITS}, got {self.retrain_init!r}")
-        if self.ablation_supernets not in ABLATION_SUPERNETS:
-            raise ValueError(f"ablation_supernets must be one of {ABLATION_SUPERNETS}, "
-                             f"got {self.ablation_supernets!r}")
-        if self.norm not in (1, 2):
-            raise ValueError(f"norm must be 1 or 2, got {self.norm!r}")
-        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
-        if not isinstance(self.model_cfg, dict):
-            raise ValueError(f"model_cfg must be a mapping, got {type(self.model_cfg).__name__}")
-        for name in ("supernet_epochs", "retrain_epochs"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        self.evolution_config()  # validates the search settings
-        self.train_config(self.epochs)  # validates the training settings
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "OptEmbedConfig":
-        """Build from a dict (keys may use ``-`` or ``_``); unknown keys raise ValueError naming them."""
-        names = {f.name for f in fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = set(norm) - names
-        if unknown:
-            raise ValueError(f"unknown OptEmbed config key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**norm)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def train_config(self, epochs: int):
-        from ..train.config import TrainConfig
-
-        return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
-                           lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
-                           patience=self.patience, seed=self.seed, device=self.device, progress=self.progress,
-                           max_steps_per_epoch=self.max_steps_per_epoch)
-
-    def evolution_config(self) -> EvolutionConfig:
-        return EvolutionConfig(generations=self.generations, mutation_num=self.mutation_num,
-                               crossover_num=self.crossover_num, keep_num=self.keep_num, m_prob=self.m_prob,
-                               top_k=self.top_k, seed=self.evo_seed, eval_batch_size=self.evo_batch_size,
-                               max_stack_rows=self.max_stack_rows)
-
-
-# =========================================================================== callbacks
-class OptEmbedSupernetCallback(Callback):
-    """Search schedule of the supernet phase.
-
-    * ``on_batch_begin``: draws the kept dimension of every sample and field uniformly from ``1..D`` (prefix
-      masks) when ``sample_dims``; the embedding applies them in training mode only, so evaluation uses the
-      full dimension.
-    * ``on_epoch_end``: keeps the row mask ``m_e`` of the best validation-AUC epoch.
-
-    Its state (RNG, best epoch and mask, history) is saved in the trainer checkpoint, so a resumed run continues
-    exactly.
-    """
-
-    def __init__(self, embedding: OptEmbedEmbedding, sample_dims: bool = True, seed: int = 0):
-        self.embedding = embedding
-        self.sample_dims = bool(sample_dims)
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.best_auc = -math.inf
-        self.best_epoch = -1
-        self.best_row_mask: torch.Tensor | None = None
-        self.history: list[dict] = []
-
-    def on_batch_begin(self, trainer, ids, labels) -> None:
-        if not self.sample_dims:
-            return
-        dims = torch.randint(1, self.embedding.embed_dim + 1, (ids.shape[0], self.embedding.num_fields),
-                             generator=self.generator)
-        self.embedding.set_dims(dims)
-
-    def on_epoch_end(self, trainer, epoch: int, val_metrics: dict) -> None:
-        self.embedding.set_dims(None)
-        auc = float(val_metrics.get("auc", -math.inf))
-        mask = self.embedding.row_mask().cpu()
-        entry = {"epoch": int(epoch), "val_auc": auc, "kept_rows": int(mask.sum()),
-                 "kept_rows_per_field": self.embedding.kept_rows_per_field()}
-        if self.embedding.threshold is not None:
-            entry["threshold"] = [float(t) for t in self.embedding.threshold.detach().cpu().tolist()]
-        self.history.append(entry)
-        if auc > self.best_auc:
-            self.best_auc, self.best_epoch, self.best_row_mask = auc, int(epoch), mask
-
-    def on_train_end(self, trainer) -> None:
-        self.embedding.set_dims(None)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "best_auc": self.best_auc, "best_epoch": self.best_epoch,
-                "best_row_mask": self.best_row_mask, "history": list(self.history)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.best_auc = float(state["best_auc"])
-        self.best_epoch = int(state["best_epoch"])
-        self.best_row_mask = state["best_row_mask"]
-        self.history = list(state.get("history", []))
-
-
-class WallTimeCallback(Callback):
-    """Accumulates the wall time of a training phase across interruptions (saved in the trainer checkpoint)."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self._last = None
-
-    def on_train_begin(self, trainer) -> None:
-        self._last = time.perf_counter()
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.seconds += now - self._last
-        self._last = now
-
-    def on_epoch_end(self, trainer, epoch: int, val_metrics: dict) -> None:
-        self._tick()
-
-    def total(self) -> float:
-        self._tick()
-        return self.seconds
-
-    def state_dict(self) -> dict:
-        self._tick()
-        return {"seconds": self.seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seconds = float(state.get("seconds", 0.0))
-
+logger = logging.getLogger(__name__)
 
 # =========================================================================== helpers
-def feature_map_to_dict(fmap) -> dict:
-    if hasattr(fmap, "to_dict"):
-        return fmap.to_dict()
-    return {"dataset": fmap.dataset, "field_names": list(fmap.field_names),
-            "cardinalities": [int(c) for c in fmap.cardinalities]}
-
-
-def feature_map_from_dict(d: dict):
-    from ..data import FeatureMap
-
-    return FeatureMap.from_dict(d)
-
-
 def build_optembed_model(model_name: str, feature_map, config: OptEmbedConfig, *, prune_rows: bool = True):
     """A backbone around an :class:`OptEmbedEmbedding` with the run's settings."""
-    from ..models import build_model
-
-    emb = OptEmbedEmbedding(feature_map, config.embed_dim, norm=config.norm, alpha=config.alpha,
-                            threshold_lr=config.threshold_lr, threshold_init=config.threshold_init,
-                            prune_rows=prune_rows, oov=config.oov)
-    return build_model(model_name, feature_map, emb, **config.model_cfg)
+    return _build_optembed_model(model_name, feature_map, config.embed_dim, model_cfg=config.model_cfg,
+                                 norm=config.norm, alpha=config.alpha, threshold_lr=config.threshold_lr,
+                                 threshold_init=config.threshold_init, prune_rows=prune_rows, oov=config.oov)
 
 
 def build_uniform_model(model_name: str, feature_map, config: OptEmbedConfig):
-    from ..models import build_model
-    from ..nn.uniform import UniformEmbedding
+    from ...models import build_model
+    from ...nn.uniform import UniformEmbedding
 
     return build_model(model_name, feature_map, UniformEmbedding(feature_map, config.embed_dim),
                        **config.model_cfg)
@@ -272,7 +66,7 @@ def build_uniform_model(model_name: str, feature_map, config: OptEmbedConfig):
 @torch.no_grad()
 def evaluate_model(model, split, batch_size: int = 8192, device="cpu") -> dict:
     """AUC and log loss of ``model`` (eval mode) on ``split``."""
-    from ..train.metrics import log_loss, roc_auc
+    from ...train.metrics import log_loss, roc_auc
 
     model.eval()
     X = torch.as_tensor(split.X)
@@ -294,28 +88,6 @@ def embedding_stats(embedding) -> dict:
     return out
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
-    return str(o)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    tmp.replace(path)
-
-
-def _read_json(path: Path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def _fit_summary(result: dict) -> dict:
     keep = ("best_epoch", "best_val_auc", "test_auc", "test_logloss", "epochs_run", "epoch_times")
     return {k: result[k] for k in keep if k in result}
@@ -326,7 +98,7 @@ class OptEmbedRun:
     """Stateful runner behind :func:`run_optembed`; every phase is a method that skips itself when done."""
 
     def __init__(self, dataset, model_name: str, config: OptEmbedConfig, out_dir, log=None):
-        from ..models import MODELS
+        from ...models import MODELS
 
         if model_name not in MODELS:
             raise ValueError(f"model_name must be one of {sorted(MODELS)}, got {model_name!r}")
@@ -362,11 +134,11 @@ class OptEmbedRun:
 
     def done(self, name: str) -> dict | None:
         path = self.out / "phases" / name / "done.json"
-        return _read_json(path) if path.exists() else None
+        return read_json(path) if path.exists() else None
 
     def finish(self, name: str, info: dict) -> dict:
         info = dict(info, phase=name)
-        _write_json(self.phase_dir(name) / "done.json", info)
+        write_json(self.phase_dir(name) / "done.json", info)
         self.log(f"[{name}] done in {info.get('seconds', float('nan')):.1f}s")
         return info
 
@@ -399,7 +171,7 @@ class OptEmbedRun:
         """Embedding bytes of ``model`` as served by the compact export (kept rows at their field dims + id
         remap + per-field offsets/dims, :class:`~optembed_ext.nn.compact.CompactEmbedding`); for a uniform table
         the plain ``N x D`` table."""
-        from ..export import compact_from_model, uniform_memory_bytes
+        from ...export import compact_from_model, uniform_memory_bytes
 
         emb = model.embedding
         if not isinstance(emb, OptEmbedEmbedding):
@@ -410,7 +182,7 @@ class OptEmbedRun:
         return int(compact.embedding.memory_bytes())
 
     def _fit(self, name: str, model, epochs: int, callbacks=()) -> tuple[dict, float]:
-        from ..train.trainer import Trainer
+        from ...train.trainer import Trainer
 
         timer = WallTimeCallback()
         trainer = Trainer(model.to(self.device), self.data, self.config.train_config(epochs),
@@ -531,12 +303,12 @@ class OptEmbedRun:
         info = self.done(name)
         if info is not None:
             return info
-        from ..export import export_run
+        from ...export import export_run
 
         t0 = time.perf_counter()
         path = export_run(self.out, batch_size=min(4096, self.config.eval_batch_size), repeats=5,
                           device=str(self.device), log=None)
-        report = _read_json(path.with_name(path.name + ".json"))
+        report = read_json(path.with_name(path.name + ".json"))
         mem = report.get("memory", {})
         info = {"model": str(path), "file_bytes": report.get("file_bytes"),
                 "compact_bytes": mem.get("compact_bytes"), "uniform_bytes": mem.get("uniform_bytes"),
@@ -603,8 +375,8 @@ class OptEmbedRun:
             "speedup": evo.get("speedup"), "config": c.to_dict(),
             "wall_seconds_this_run": time.perf_counter() - t_start,
         }
-        _write_json(self.out / "field_dims.json", {n: int(d) for n, d in zip(self.fmap.field_names, m_d)})
-        _write_json(self.out / "kept_rows.json", {n: {"kept": int(k), "total": int(t)} for n, k, t in
+        write_json(self.out / "field_dims.json", {n: int(d) for n, d in zip(self.fmap.field_names, m_d)})
+        write_json(self.out / "kept_rows.json", {n: {"kept": int(k), "total": int(t)} for n, k, t in
                                                   zip(self.fmap.field_names, sup["kept_rows_per_field"],
                                                       self.fmap.cardinalities)})
         masks = {"row_mask": m_e, "field_dims": [int(d) for d in m_d]}
@@ -617,10 +389,10 @@ class OptEmbedRun:
             if c.export:
                 phases["export"] = result["export"] = self.phase_export()
                 result["phase_seconds"]["export"] = float(phases["export"].get("seconds", 0.0))
-        from .report import write_report
+        from ..report import write_report
 
         result["report"] = str(write_report(self.out, result))
-        _write_json(self.out / "metrics.json", result)
+        write_json(self.out / "metrics.json", result)
         return result
 
     def _variant(self, info: dict, phase_names: list[str], phases: dict) -> dict:
@@ -633,67 +405,24 @@ class OptEmbedRun:
     def _save_result(self, row_mask, field_dims, metrics: dict) -> None:
         c = self.config
         state = torch.load(self.phase_dir("retrain") / "model.pt", map_location="cpu", weights_only=True)
-        counts = torch.zeros(self.fmap.num_fields, dtype=torch.long)
-        counts.index_add_(0, self.fmap.field_of_row().long().cpu(), row_mask.long())
-        torch.save({
-            "format": "optembed-result/1",
-            "row_mask": row_mask.bool().cpu(),
-            "field_dims": [int(d) for d in field_dims],
-            "kept_rows_per_field": [int(x) for x in counts.tolist()],
-            "feature_map": feature_map_to_dict(self.fmap),
-            "model_name": self.model_name,
-            "model_cfg": dict(c.model_cfg),
-            "embed_dim": c.embed_dim,
-            "norm": c.norm,
-            "oov": c.oov,
-            "state_dict": state,
-            "metrics": metrics,
-        }, self.out / RESULT_FILE)
+        save_search_result(self.out / RESULT_FILE, row_mask=row_mask, field_dims=field_dims, feature_map=self.fmap,
+                           model_name=self.model_name, model_cfg=dict(c.model_cfg), embed_dim=c.embed_dim,
+                           norm=c.norm, oov=c.oov, state_dict=state, metrics=metrics)
 
 
 def run_optembed(dataset, model_name: str, config: OptEmbedConfig | dict | None = None, out_dir="runs/optembed",
-                 log=print) -> dict:
+                 log=None) -> dict:
     """Run the OptEmbed pipeline on ``dataset`` (a :class:`~optembed_ext.data.CTRDataset`) with backbone
     ``model_name``; resumable in ``out_dir``. Returns the metrics of every variant, the chosen dims per field,
     the kept rows per field, per-phase wall times and the search speedup (also written to ``metrics.json``,
-    ``report.md`` and ``report.png`` in ``out_dir``)."""
+    ``report.md`` and ``report.png`` in ``out_dir``). ``log`` receives each progress line (default: the
+    ``logging`` logger of this module)."""
     if config is None:
         config = OptEmbedConfig()
     elif isinstance(config, dict):
         config = OptEmbedConfig.from_dict(config)
-    runner = OptEmbedRun(dataset, model_name, config, out_dir, log=log)
+    runner = OptEmbedRun(dataset, model_name, config, out_dir, log=logger.info if log is None else log)
     try:
         return runner.run()
     finally:
         runner.close()
-
-
-def load_search_result(run_dir) -> dict:
-    """The searched table of a finished run, for export: ``run_dir/optembed_result.pt`` as a dict with
-
-    ``row_mask`` bool (N,), ``field_dims`` list[int] (F), ``kept_rows_per_field`` list[int], ``feature_map``
-    (:class:`~optembed_ext.data.FeatureMap`), ``model_name``, ``model_cfg`` (kwargs of ``build_model``),
-    ``embed_dim``, ``norm``, ``oov``, ``state_dict`` (the retrained model: ``embedding.weight`` (N, D) with pruned
-    rows / dims to be dropped, ``embedding.fixed_row_mask``, ``embedding.fixed_field_dims``, the backbone) and
-    ``metrics``.
-    """
-    path = Path(run_dir) / RESULT_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"run_dir has no {RESULT_FILE} (is the OptEmbed run finished, with retraining?): "
-                                f"{path}")
-    res = torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        res["feature_map"] = feature_map_from_dict(res["feature_map"])
-    except ImportError:  # pragma: no cover - data package missing
-        pass
-    return res
-
-
-def build_retrained_model(result: dict):
-    """Rebuild the retrained OptEmbed model (masks frozen) from :func:`load_search_result`'s dict."""
-    cfg = OptEmbedConfig(embed_dim=int(result["embed_dim"]), norm=int(result["norm"]), oov=bool(result["oov"]),
-                         model_cfg=dict(result["model_cfg"]))
-    model = build_optembed_model(result["model_name"], result["feature_map"], cfg)
-    model.embedding.freeze(result["row_mask"], result["field_dims"])
-    model.load_state_dict(result["state_dict"])
-    return model

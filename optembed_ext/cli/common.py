@@ -1,4 +1,4 @@
-"""``optembed preprocess`` and ``optembed train``, plus argument helpers shared by the other subcommands.
+"""Argument helpers every subcommand shares: data, model and training options, run folders, dataclass options.
 
 Every option has a long name; a YAML file passed with ``--config`` uses those names as keys (``embed-dim: 16``)
 and the command line wins over it. A run writes a folder (``--out``, default ``runs/<command>-<dataset>-<time>``)
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
-import time
+import types
+import typing
 from pathlib import Path
 
-from .config import TrainConfig, append_log, make_run_dir, save_json, save_yaml
+import yaml
 
-logger = logging.getLogger(__name__)
+from ..train.config import TrainConfig, append_log, make_run_dir, save_yaml
 
 _TRAIN_DEFAULTS = TrainConfig()
 
@@ -201,76 +201,106 @@ def dataset_summary(data) -> dict:
     return summary
 
 
-# -------------------------------------------------------------------------------------------- commands
-def cmd_preprocess(args: argparse.Namespace) -> int:
-    require(args, "dataset")
-    run_dir = start_run(args, "preprocess")
-    start = time.perf_counter()
-    data = load_data_from_args(args)
-    seconds = time.perf_counter() - start
-    summary = {"command": "preprocess", **dataset_summary(data), "cache_dir": args.cache_dir, "seconds": seconds}
-    save_json(run_dir / "metrics.json", summary)
-    msg = (f"{summary['dataset']}: {summary['num_fields']} fields, {summary['num_features']} features, "
-           f"train/val/test {summary['train_size']}/{summary['val_size']}/{summary['test_size']} "
-           f"({seconds:.1f}s)")
-    pre = summary.get("preprocessing")
-    if pre is not None:
-        msg += (f"; {pre.get('rows_read', 0)} rows read, {pre.get('filtered', 0)} filtered, "
-                f"{pre.get('malformed', 0)} malformed rows skipped")
-    append_log(run_dir, msg)
-    print(msg)
-    print(f"run folder: {run_dir}")
-    return 0
+# ------------------------------------------------------------------------------------ dataclass options
+def _yaml_value(text):
+    if not isinstance(text, str):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not a YAML value: {text!r} ({err})") from err
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from ..models import MODELS, build_model
-    from ..nn import UniformEmbedding
-    from .checkpoint import seed_everything
-    from .trainer import Trainer
-
-    require(args, "dataset")
-    if args.model not in MODELS:
-        raise SystemExit(f"error: --model must be one of {', '.join(MODELS)}, got {args.model!r}")
-    config = train_config_from_args(args)
-    run_dir = start_run(args, "train")
-    data = load_data_from_args(args)
-    fm = data.feature_map
-    append_log(run_dir, f"data: {fm.dataset} {fm.num_fields} fields {fm.num_features} features, "
-                        f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}")
-    seed_everything(config.seed)
-    embedding = UniformEmbedding(fm, args.embed_dim, init=args.init, sparse=args.sparse_grad)
-    model = build_model(args.model, fm, embedding, **model_kwargs_from_args(args))
-    trainer = Trainer(model, data, config, run_dir=run_dir)
-    result = trainer.fit(resume=args.resume)
-    metrics = {"command": "train", "dataset": fm.dataset, "model": args.model, "method": "uniform",
-               "embed_dim": args.embed_dim, "num_fields": fm.num_fields, "num_features": fm.num_features,
-               "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test), **result}
-    save_json(run_dir / "metrics.json", metrics)
-    print(f"{fm.dataset} {args.model}: best epoch {result['best_epoch']} val AUC {result['best_val_auc']:.4f} "
-          f"test AUC {result['test_auc']:.4f} test logloss {result['test_logloss']:.4f} "
-          f"embedding params {result['num_params']}")
-    print(f"run folder: {run_dir}")
-    return 0
+def _bool(text) -> bool:
+    v = _yaml_value(text)
+    if not isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    return v
 
 
-def register(subparsers) -> None:
-    """Add the ``preprocess`` and ``train`` subcommands."""
-    p = subparsers.add_parser("preprocess", help="encode a raw dataset into the preprocessing cache",
-                              description="Read a raw dataset, build the vocabularies and write the cache.")
-    add_data_arguments(p)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    add_out_argument(p)
-    p.set_defaults(func=cmd_preprocess)
+def _list_of(cast):
+    def conv(text):
+        if isinstance(text, (list, tuple)):
+            return [cast(v) for v in text]
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            return [cast(text)]
+        parts = [p for p in str(text).replace(" ", "").strip("[]").split(",") if p]
+        try:
+            return [cast(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    conv.__name__ = f"list_of_{cast.__name__}"
+    return conv
 
-    t = subparsers.add_parser("train", help="train a CTR model with a plain (uniform) embedding table",
-                              description="Train a CTR model with a uniform embedding table; early stopping on "
-                                          "validation AUC; reports test AUC at the best epoch.")
-    add_data_arguments(t)
-    add_model_arguments(t)
-    t.add_argument("--init", default="xavier", choices=("xavier", "normal"),
-                   help="embedding initialisation (default xavier, as OptEmbed)")
-    t.add_argument("--sparse-grad", action=argparse.BooleanOptionalAction, default=False,
-                   help="sparse gradients for the embedding table (SparseAdam with --optimizer adam)")
-    add_train_arguments(t)
-    t.set_defaults(func=cmd_train)
+
+def _optional(cast):
+    def conv(text):
+        if text is None or (isinstance(text, str) and text.lower() in ("none", "null")):
+            return None
+        return cast(text)
+    conv.__name__ = f"optional_{cast.__name__}"
+    return conv
+
+
+def _field_type(cls, f: dataclasses.Field):
+    """An argparse ``type`` for a dataclass field (bool, int, float, str, list of numbers, mapping)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    optional, base = False, hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        inner = typing.get_args(base)
+        conv = _list_of(inner[0] if inner and inner[0] in (int, float, str) else _yaml_value)
+    elif base is bool:
+        conv = _bool
+    elif base in (int, float, str):
+        conv = base
+    else:
+        conv = _yaml_value
+    return _optional(conv) if optional else conv
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return "required"
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str, skip=(), prefix: str | None = None
+                            ) -> dict[str, str]:
+    """One long option per field of ``cls`` (default ``argparse.SUPPRESS``, so the dataclass default applies
+    unless the option is given). A field whose option the parser already has (e.g. AutoDim's ``batch_norm``
+    next to the model's ``--batch-norm``) becomes ``--<prefix>-<field>``. Returns ``{field: dest}``."""
+    g = parser.add_argument_group(title)
+    taken = {opt for a in parser._actions for opt in a.option_strings}
+    added = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        name = f.name.replace("_", "-")
+        dest = f.name
+        if "--" + name in taken:
+            if prefix is None:
+                raise ValueError(f"option --{name} of {cls.__name__} clashes with an existing option")
+            name, dest = f"{prefix}-{name}", f"{prefix}_{f.name}"
+        g.add_argument("--" + name, dest=dest, type=_field_type(cls, f), default=argparse.SUPPRESS,
+                       help=f"(default {_default_text(f)})")
+        added[f.name] = dest
+    return added
+
+
+def dataclass_values(args: argparse.Namespace, dests: dict[str, str], fixed: dict | None = None) -> dict:
+    """The dataclass fields given on the command line or in the config file (``{field: value}``)."""
+    values = {name: getattr(args, dest) for name, dest in dests.items() if hasattr(args, dest)}
+    values.update(fixed or {})
+    return values
+
+
+def fail(err: Exception) -> SystemExit:
+    """A one-line ``error: ...`` exit for a user mistake reported by the library."""
+    return SystemExit(f"error: {err}")

@@ -1,4 +1,4 @@
-"""``optembed search`` (the OptEmbed pipeline) and ``optembed export`` (compact export of a finished run).
+"""``optembed search``: the OptEmbed pipeline (supernet, evolutionary search, retraining, export, report).
 
 Every option of :class:`~optembed_ext.search.optembed.OptEmbedConfig` is a long option (``--threshold-lr``,
 ``--generations``, ...); ``--config file.yaml`` gives the same keys in a YAML mapping (command-line options win).
@@ -14,48 +14,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from pathlib import Path
 
 import yaml
 
-from .optembed import OptEmbedConfig
+from ..search.optembed import OptEmbedConfig
+from .common import _field_type as _dataclass_field_type
 
 #: options of ``search`` that are not OptEmbedConfig fields (YAML key -> default)
 DATA_OPTIONS = {"dataset": None, "data_dir": None, "cache_dir": None, "model": "deepfm", "out": None,
                 "dataset_kwargs": None, "max_rows": None, "min_count": None, "data_seed": None}
 
 
-def _yaml_value(text: str):
+def _field_type(f: dataclasses.Field):
+    return _dataclass_field_type(OptEmbedConfig, f)
+
+
+def _yaml_mapping(text):
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text) if isinstance(text, str) else text
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"not a YAML value: {text!r} ({err})") from err
-
-
-def _bool(text: str) -> bool:
-    v = _yaml_value(text)
-    if not isinstance(v, bool):
-        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return v
-
-
-def _field_type(f: dataclasses.Field):
-    hints = typing.get_type_hints(OptEmbedConfig)
-    t = hints[f.name]
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    base = args[0] if args else t
-    if base is bool:
-        return _bool
-    if base in (int, float):
-        def conv(text, _base=base):
-            if text.lower() in ("none", "null"):
-                return None
-            return _base(text)
-        return conv
-    if base is str:
-        return str
-    return _yaml_value
+    if value is not None and not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping, got {text!r}")
+    return value
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +49,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=sup, help="read at most this many raw rows")
     p.add_argument("--min-count", type=int, default=sup, help="ids seen fewer times map to the OOV id")
     p.add_argument("--data-seed", type=int, default=sup, help="seed of the data split / synthetic data")
-    p.add_argument("--dataset-kwargs", type=_yaml_value, default=sup,
+    p.add_argument("--dataset-kwargs", type=_yaml_mapping, default=sup,
                    help="YAML mapping of extra load_dataset arguments, e.g. '{num_fields: 39}'")
     p.add_argument("--model", default=sup, help="backbone: fm, deepfm, dcn, fnn, ipnn, wd, autoint")
     p.add_argument("--out", default=sup, help="run folder (default runs/optembed-<model>-<time>); rerun to resume")
@@ -112,48 +94,25 @@ def load_data(opts: dict):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from ..search.optembed import run_optembed
     from ..train.config import make_run_dir, save_yaml
-    from .optembed import run_optembed
 
     opts, config = resolve_options(args)
     out = make_run_dir(opts["out"], name=f"optembed-{opts['model']}")
     save_yaml(out / "config.yaml", {**{k: v for k, v in opts.items() if v is not None}, "out": str(out),
                                     **config.to_dict()})
     data = load_data(opts)
-    result = run_optembed(data, opts["model"], config, out)
+    result = run_optembed(data, opts["model"], config, out, log=print)
     print(Path(result["report"]).read_text())
     print(f"run folder: {out}")
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_main
-
-    return export_main(args)
-
-
 def register(subparsers) -> None:
-    """Add the ``search`` and ``export`` subcommands."""
-    p = subparsers.add_parser("search", help="OptEmbed: supernet, evolutionary search, retraining, report",
+    """Add the ``search`` subcommand."""
+    from ..search.base import get_method
+
+    p = subparsers.add_parser("search", help=get_method("optembed").help,
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_arguments(p)
     p.set_defaults(func=cmd_search)
-    e = subparsers.add_parser("export", help="export a finished OptEmbed run as a physically compact model")
-    from ..export import add_export_arguments
-
-    e.add_argument("--config", default=None, help="unused (accepted for uniformity)")
-    add_export_arguments(e)
-    e.set_defaults(func=cmd_export)
-
-
-def main(argv=None) -> int:
-    """Entry point of this module alone (``python -m optembed_ext.search.optembed_cli search ...``)."""
-    parser = argparse.ArgumentParser(prog="optembed")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

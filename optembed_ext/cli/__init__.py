@@ -1,6 +1,7 @@
-"""The ``optembed`` command line: one argparse parser whose subcommands come from a fixed list of modules.
+"""The ``optembed`` command line: a thin skin over the library (parse, call, print), one module per command.
 
-Each module in :data:`SUBCOMMAND_MODULES` defines ``register(subparsers)``. Every subcommand accepts
+Each module in :data:`SUBCOMMAND_MODULES` defines ``register(subparsers)``; :mod:`.methods` adds one subcommand
+per registered method (:mod:`optembed_ext.search.base`) from its configuration dataclass. Every subcommand accepts
 ``--config file.yaml`` whose keys are the subcommand's long option names (``embed-dim: 16`` or ``embed_dim: 16``);
 options given on the command line win over the file.
 """
@@ -11,13 +12,16 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .train.config import load_yaml_config
+from .. import __version__
+from ..train.config import load_yaml_config
 
 SUBCOMMAND_MODULES = (
-    "optembed_ext.train.cli",
-    "optembed_ext.search.optembed_cli",
-    "optembed_ext.search.baselines_cli",
+    "optembed_ext.cli.preprocess",
+    "optembed_ext.cli.train",
+    "optembed_ext.cli.search",
+    "optembed_ext.cli.export",
+    "optembed_ext.cli.methods",
+    "optembed_ext.cli.compare",
 )
 
 

@@ -1,0 +1,40 @@
+"""``optembed preprocess``: encode a raw dataset into the preprocessing cache and report what was read."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..train.config import append_log, save_json
+from .common import add_data_arguments, add_out_argument, dataset_summary, load_data_from_args, require, start_run
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    require(args, "dataset")
+    run_dir = start_run(args, "preprocess")
+    start = time.perf_counter()
+    data = load_data_from_args(args)
+    seconds = time.perf_counter() - start
+    summary = {"command": "preprocess", **dataset_summary(data), "cache_dir": args.cache_dir, "seconds": seconds}
+    save_json(run_dir / "metrics.json", summary)
+    msg = (f"{summary['dataset']}: {summary['num_fields']} fields, {summary['num_features']} features, "
+           f"train/val/test {summary['train_size']}/{summary['val_size']}/{summary['test_size']} "
+           f"({seconds:.1f}s)")
+    pre = summary.get("preprocessing")
+    if pre is not None:
+        msg += (f"; {pre.get('rows_read', 0)} rows read, {pre.get('filtered', 0)} filtered, "
+                f"{pre.get('malformed', 0)} malformed rows skipped")
+        if pre.get("padded_rows"):
+            msg += f", {pre['padded_rows']} short rows padded"
+    append_log(run_dir, msg)
+    print(msg)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("preprocess", help="encode a raw dataset into the preprocessing cache",
+                              description="Read a raw dataset, build the vocabularies and write the cache.")
+    add_data_arguments(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    add_out_argument(p)
+    p.set_defaults(func=cmd_preprocess)
