@@ -70,12 +70,14 @@
 namespace optembed {
 
 // Long-tail straight-through estimator of the unit step (OptEmbed):
-//   H(x) = 2 - 4|x|  for |x| <= 0.4,   0.4  for 0.4 < |x| <= 1,   0  otherwise.
+//   H(x) = 2 - 4|x|  for |x| <= 0.4,   0.4  for 0.4 < |x| <= 1,   0  otherwise (also x = +-inf),   NaN for NaN x
+// (a NaN row norm or threshold propagates NaN into the gradients instead of silently stopping them).
 template <typename T>
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
 inline T step_ste_grad(T x) {
+  if (x != x) return x;  // NaN
   const T ax = x < T(0) ? -x : x;
   if (ax <= T(0.4)) return T(2) - T(4) * ax;
   if (ax <= T(1)) return T(0.4);
@@ -99,7 +101,21 @@ inline T step_ste_grad(T x) {
 #define OPTEMBED_HAS_MMAP 1
 #endif
 
+#include <atomic>
+#include <limits>
+
 namespace optembed {
+
+// ---- deterministic error reporting from parallel loops ---------------------------------------------------------
+// A parallel pass records the smallest failing position (atomic min) and the caller raises after the pass, so the
+// reported position is always the first bad one, whatever the thread count.
+constexpr int64_t kNoErrorPos = std::numeric_limits<int64_t>::max();
+
+inline void record_first_error(std::atomic<int64_t>& first_bad, int64_t pos) {
+  int64_t cur = first_bad.load(std::memory_order_relaxed);
+  while (pos < cur && !first_bad.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
+  }
+}
 
 // Minimum size for which lazily zeroed pages beat a parallel memset (below it the allocation is at::zeros).
 constexpr int64_t kLazyZeroMinBytes = int64_t(1) << 22;  // 4 MiB

@@ -91,23 +91,27 @@ CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at:
   const std::vector<int64_t>& dims = L.dims;
   std::vector<int64_t>& rows = L.rows;
   const int64_t P = packed.numel();
-  TORCH_CHECK(offs[0] >= 0, "compact_embedding: field_offsets[0] must be >= 0, got ", offs[0]);
-  TORCH_CHECK(offs[F] <= P, "compact_embedding: field_offsets[F] = ", offs[F], " exceeds packed.numel() = ", P);
+  // Layout values: ValueError naming the argument (optembed_ext.reference.compact_embedding raises the same).
+  TORCH_CHECK_VALUE(offs[0] >= 0, "compact_embedding: field_offsets[0] must be >= 0, got ", offs[0]);
+  TORCH_CHECK_VALUE(offs[F] <= P, "compact_embedding: field_offsets[F] = ", offs[F], " exceeds packed.numel() = ",
+                    P);
   rows.resize(F);
   for (int64_t f = 0; f < F; ++f) {
     const int64_t d = dims[f];
-    TORCH_CHECK(d >= 0 && d <= out_dim, "compact_embedding: field_dims[", f, "] = ", d,
-                " must lie in [0, out_dim = ", out_dim, "]");
+    TORCH_CHECK_VALUE(d >= 0 && d <= out_dim, "compact_embedding: field_dims[", f, "] = ", d,
+                      " must lie in [0, out_dim = ", out_dim, "]");
     const int64_t len = offs[f + 1] - offs[f];
-    TORCH_CHECK(len >= 0, "compact_embedding: field_offsets must be non-decreasing, field_offsets[", f,
-                "] = ", offs[f], " > field_offsets[", f + 1, "] = ", offs[f + 1]);
+    TORCH_CHECK_VALUE(len >= 0, "compact_embedding: field_offsets must be non-decreasing, field_offsets[", f,
+                      "] = ", offs[f], " > field_offsets[", f + 1, "] = ", offs[f + 1]);
     if (d == 0) {
-      TORCH_CHECK(len == 0, "compact_embedding: field ", f, " has field_dims 0 but a non-empty block of ", len,
-                  " values in packed");
+      TORCH_CHECK_VALUE(len == 0, "compact_embedding: field ", f, " has field_dims 0 but a non-empty block of ",
+                        len, " values in packed (field_offsets[", f, "] = ", offs[f], ", field_offsets[", f + 1,
+                        "] = ", offs[f + 1], ")");
       rows[f] = -1;
     } else {
-      TORCH_CHECK(len % d == 0, "compact_embedding: block of field ", f, " in packed has ", len,
-                  " values, not a multiple of field_dims[", f, "] = ", d);
+      TORCH_CHECK_VALUE(len % d == 0, "compact_embedding: block of field ", f, " in packed has ", len,
+                        " values (field_offsets[", f + 1, "] - field_offsets[", f, "]), not a multiple of field_dims[",
+                        f, "] = ", d);
       rows[f] = len / d;
     }
   }
@@ -116,13 +120,23 @@ CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at:
 
 namespace {
 
-constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
+constexpr int64_t kNoError = kNoErrorPos;
 
-// Records the smallest failing lookup position seen by any thread.
 inline void record_error(std::atomic<int64_t>& first_bad, int64_t pos) {
-  int64_t cur = first_bad.load(std::memory_order_relaxed);
-  while (pos < cur && !first_bad.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
-  }
+  record_first_error(first_bad, pos);
+}
+
+// Local row of lookup `p` (field f): r >= -1, or -2 when the id (0 <= id < N) or the remapped row
+// (-1 <= r < R_f; any r >= -1 when D_f == 0) is out of range. Always checked (two compares): an invalid lookup
+// never reads remap or packed outside their bounds, and never writes a gradient, whatever check_indices says.
+template <typename index_t, typename remap_t>
+inline int64_t resolve_row(const index_t* indices, const remap_t* remap, const int64_t* rows, int64_t p, int64_t f,
+                           int64_t N) {
+  const int64_t id = static_cast<int64_t>(indices[p]);
+  if (id < 0 || id >= N) return -2;
+  const int64_t r = static_cast<int64_t>(remap[id]);
+  if (r < -1 || (rows[f] >= 0 && r >= rows[f])) return -2;
+  return r;
 }
 
 
@@ -136,20 +150,9 @@ void forward_kernel(const scalar_t* packed, const int64_t* offs, const int64_t* 
       const int64_t f = p % F;
       const int64_t d = dims[f];
       scalar_t* o = out + p * D;
-      const int64_t id = static_cast<int64_t>(indices[p]);
-      int64_t r = -1;
-      bool ok = true;
-      if (check) {
-        ok = id >= 0 && id < N;
-        if (ok) {
-          r = static_cast<int64_t>(remap[id]);
-          ok = r >= -1 && (rows[f] < 0 || r < rows[f]);
-        }
-      } else {
-        r = static_cast<int64_t>(remap[id]);
-      }
-      if (!ok) {
-        record_error(first_bad, p);
+      const int64_t r = resolve_row(indices, remap, rows, p, f, N);
+      if (r == -2) {  // invalid lookup: zeros (raised after the pass when checking)
+        if (check) record_error(first_bad, p);
         std::fill(o, o + D, scalar_t(0));
         continue;
       }
@@ -167,8 +170,8 @@ void forward_kernel(const scalar_t* packed, const int64_t* offs, const int64_t* 
 
 template <typename scalar_t, typename acc_t, typename index_t, typename remap_t, bool kHasOov>
 void backward_kernel(const scalar_t* grad_out, const int64_t* offs, const int64_t* dims, const remap_t* remap,
-                     const index_t* indices, acc_t* grad_packed, acc_t* grad_oov, int64_t B, int64_t F,
-                     int64_t D) {
+                     const index_t* indices, const int64_t* rows, acc_t* grad_packed, acc_t* grad_oov, int64_t B,
+                     int64_t F, int64_t D, int64_t N) {
   // About at::internal::GRAIN_SIZE gradient elements per task: small problems stay on the calling thread.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(B * D, 1));
   at::parallel_for(0, F, grain, [&](int64_t f0, int64_t f1) {
@@ -178,12 +181,12 @@ void backward_kernel(const scalar_t* grad_out, const int64_t* offs, const int64_
       acc_t* block = grad_packed + offs[f];
       for (int64_t b = 0; b < B; ++b) {
         const int64_t p = b * F + f;
-        const int64_t r = static_cast<int64_t>(remap[static_cast<int64_t>(indices[p])]);
+        const int64_t r = resolve_row(indices, remap, rows, p, f, N);  // invalid (-2): no gradient anywhere
         const scalar_t* g = grad_out + p * D;
         acc_t* dst;
         if (r >= 0) {
           dst = block + r * d;
-        } else if (kHasOov) {
+        } else if (kHasOov && r == -1) {
           dst = grad_oov + f * D;
         } else {
           continue;
@@ -202,7 +205,7 @@ at::Tensor compact_embedding_forward_cpu(const at::Tensor& packed, const at::Ten
       compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov).rows;
   const int64_t B = indices.size(0), F = indices.size(1), D = out_dim, N = remap.numel();
   at::Tensor out = at::empty({B, F, D}, packed.options());
-  if (out.numel() == 0) return out;
+  if (B * F == 0) return out;  // no lookups: nothing to check (out_dim = 0 still checks the ids)
   const at::Tensor packed_c = packed.contiguous();
   const at::Tensor offs_c = field_offsets.contiguous();
   const at::Tensor dims_c = field_dims.contiguous();
@@ -228,10 +231,10 @@ at::Tensor compact_embedding_forward_cpu(const at::Tensor& packed, const at::Ten
   if (bad != kNoError) {
     const int64_t b = bad / F, f = bad % F;
     const int64_t id = idx_c.scalar_type() == at::kInt ? idx_c.data_ptr<int32_t>()[bad] : idx_c.data_ptr<int64_t>()[bad];
-    TORCH_CHECK(id >= 0 && id < N, "compact_embedding: indices[", b, ", ", f, "] = ", id,
-                " is out of range [0, N = ", N, ") where N = remap.numel()");
+    TORCH_CHECK_INDEX(id >= 0 && id < N, "compact_embedding: indices[", b, ", ", f, "] = ", id,
+                      " is out of range [0, N = ", N, ") where N = remap.numel()");
     const int64_t r = remap_c.scalar_type() == at::kInt ? remap_c.data_ptr<int32_t>()[id] : remap_c.data_ptr<int64_t>()[id];
-    TORCH_CHECK(false, "compact_embedding: remap[", id, "] = ", r, " (looked up by indices[", b, ", ", f,
+    TORCH_CHECK_INDEX(false, "compact_embedding: remap[", id, "] = ", r, " (looked up by indices[", b, ", ", f,
                 "]) is out of range [-1, ", rows[f], ") for field ", f, " (rows in its block of packed)");
   }
   return out;
@@ -248,8 +251,9 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cpu(
               ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == packed.scalar_type(), "compact_embedding: grad_out dtype ",
               grad_out.scalar_type(), " must match packed dtype ", packed.scalar_type());
-  compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, D, oov);
-  const int64_t B = indices.size(0), F = indices.size(1);
+  const std::vector<int64_t> rows =
+      compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, D, oov).rows;
+  const int64_t B = indices.size(0), F = indices.size(1), N = remap.numel();
   at::Tensor grad_packed = at::zeros_like(packed, at::MemoryFormat::Contiguous);
   at::Tensor grad_oov = oov.has_value() ? at::zeros_like(*oov, at::MemoryFormat::Contiguous)
                                         : at::empty({0}, packed.options());
@@ -272,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cpu(
         OPTEMBED_BOOL_SWITCH(oov.has_value(), kHasOov, [&] {
           backward_kernel<scalar_t, acc_t, index_t, remap_t, kHasOov>(
               g_c.data_ptr<scalar_t>(), offs_c.data_ptr<int64_t>(), dims_c.data_ptr<int64_t>(),
-              remap_c.data_ptr<remap_t>(), idx_c.data_ptr<index_t>(), acc_packed.data_ptr<acc_t>(),
-              kHasOov ? acc_oov.data_ptr<acc_t>() : nullptr, B, F, D);
+              remap_c.data_ptr<remap_t>(), idx_c.data_ptr<index_t>(), rows.data(), acc_packed.data_ptr<acc_t>(),
+              kHasOov ? acc_oov.data_ptr<acc_t>() : nullptr, B, F, D, N);
         });
       });
     });

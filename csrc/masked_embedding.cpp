@@ -40,6 +40,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -115,17 +116,30 @@ inline at::ScalarType norm_dtype_for(at::ScalarType w) {
   return w == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Threshold as a contiguous accumulation-type vector; NaN is rejected (the comparison would silently mask all).
-Tensor prepare_threshold(const std::optional<Tensor>& threshold, at::ScalarType acc, const char* op) {
+// Threshold as a contiguous accumulation-type vector. With `check_nan` (the forward with check_indices=True and at
+// least one lookup) a NaN is rejected naming the field; unchecked, a NaN threshold propagates NaN to its field.
+Tensor prepare_threshold(const std::optional<Tensor>& threshold, at::ScalarType acc, const char* op, bool check_nan) {
   if (!threshold.has_value()) return Tensor();
   Tensor t = threshold->to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "optembed_threshold_nan_check", [&] {
-    const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    for (int64_t f = 0; f < t.numel(); ++f) {
-      TORCH_CHECK_VALUE(!std::isnan(tp[f]), op, ": threshold[", f, "] is NaN");
-    }
-  });
+  if (check_nan) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "optembed_threshold_nan_check", [&] {
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      for (int64_t f = 0; f < t.numel(); ++f) {
+        TORCH_CHECK_VALUE(!std::isnan(tp[f]), op, ": threshold[", f, "] is NaN");
+      }
+    });
+  }
   return t;
+}
+
+// dims value clamped to [0, D] (the forward validated it when checking; unchecked calls clamp).
+inline int64_t clamp_dims(int64_t k, int64_t D) {
+  return k < 0 ? 0 : (k > D ? D : k);
+}
+
+template <typename acc_t>
+inline acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 Tensor prepare_dims(const std::optional<Tensor>& dims) {
@@ -189,11 +203,15 @@ inline void stream_fence() {
 // misses in flight instead of waiting for one row at a time.
 constexpr int64_t kRowPrefetchDistance = 8;
 
+// An out-of-range index (possible only with check_indices=False, or on the way to the error) never touches the
+// table: its output row is zeros and its norm 0. Out-of-range dims are recorded (checking) and clamped to [0, D].
+// A NaN x = norm - threshold (NaN in the row, NaN threshold, or inf - inf) gives NaN in out[b, f, :k].
 template <typename scalar_t, typename index_t, int P, bool kThr>
 void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const index_t* __restrict__ idx,
                     const at::opmath_type<scalar_t>* __restrict__ thr, const int64_t* __restrict__ dims,
                     const scalar_t* __restrict__ oov, bool check, scalar_t* __restrict__ out,
-                    at::opmath_type<scalar_t>* __restrict__ norm) {
+                    at::opmath_type<scalar_t>* __restrict__ norm, std::atomic<int64_t>& bad_index,
+                    std::atomic<int64_t>& bad_dims) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t F = pr.F, D = pr.D, N = pr.N;
   const int64_t L = pr.B * F;
@@ -211,18 +229,36 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
         if (rn >= 0 && rn < N) prefetch_row(w + rn * D, row_bytes, false);
       }
       const int64_t r = static_cast<int64_t>(idx[pos]);
-      if (check && (r < 0 || r >= N)) raise_bad_index(pos, F, r, N);
+      const bool valid = r >= 0 && r < N;
+      if (check && !valid) record_first_error(bad_index, pos);
       int64_t k = D;
       if (dims != nullptr) {
         k = dims[(pos / F) * pr.dims_bstride + f];
-        if (k < 0 || k > D) raise_bad_dims(pos, pr, k);
+        if (k < 0 || k > D) {
+          if (check) record_first_error(bad_dims, pos);
+          k = clamp_dims(k, D);
+        }
+      }
+      scalar_t* o = out + pos * D;
+      if (!valid) {
+        norm[pos] = acc_t(0);
+        for (int64_t j = 0; j < D; ++j) o[j] = scalar_t(0);
+        continue;
       }
       const scalar_t* row = w + r * D;
       const acc_t n = row_norm<P, acc_t>(row, D);
       norm[pos] = n;
       bool m = true;
-      if constexpr (kThr) m = (n - thr[f]) > acc_t(0);
-      scalar_t* o = out + pos * D;
+      if constexpr (kThr) {
+        const acc_t x = n - thr[f];
+        if (std::isnan(x)) {
+          const scalar_t nan = static_cast<scalar_t>(quiet_nan<acc_t>());
+          for (int64_t j = 0; j < k; ++j) o[j] = nan;
+          for (int64_t j = k; j < D; ++j) o[j] = scalar_t(0);
+          continue;
+        }
+        m = x > acc_t(0);
+      }
       const scalar_t* src = m ? row : (oov != nullptr ? oov + f * D : nullptr);
       if (src != nullptr) {
         for (int64_t j = 0; j < k; ++j) o[j] = src[j];
@@ -244,12 +280,14 @@ std::tuple<Tensor, Tensor> masked_embedding_forward_cpu(const Tensor& weight, co
   const at::ScalarType acc = norm_dtype_for(weight.scalar_type());
   Tensor out = at::empty({pr.B, pr.F, pr.D}, weight.options());
   Tensor norm = at::empty({pr.B, pr.F}, weight.options().dtype(acc));
-  const Tensor thr = prepare_threshold(threshold, acc, op);
+  // Data checks (as on CUDA) look at the lookups only: without lookups nothing is checked.
   if (pr.B * pr.F == 0) return {out, norm};
+  const Tensor thr = prepare_threshold(threshold, acc, op, check_indices);
   const Tensor w = weight.contiguous();
   const Tensor idx = indices.contiguous();
   const Tensor d = prepare_dims(dims);
   const Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : Tensor();
+  std::atomic<int64_t> bad_index{kNoErrorPos}, bad_dims{kNoErrorPos};
 
   OPTEMBED_DISPATCH_FLOATING(w.scalar_type(), "masked_embedding_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -261,11 +299,20 @@ std::tuple<Tensor, Tensor> masked_embedding_forward_cpu(const Tensor& weight, co
               thr.defined() ? thr.const_data_ptr<acc_t>() : nullptr,
               d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
               oov.defined() ? oov.const_data_ptr<scalar_t>() : nullptr, check_indices,
-              out.mutable_data_ptr<scalar_t>(), norm.mutable_data_ptr<acc_t>());
+              out.mutable_data_ptr<scalar_t>(), norm.mutable_data_ptr<acc_t>(), bad_index, bad_dims);
         });
       });
     });
   });
+  // Same order as the CUDA kernel: threshold (above), then the first bad index, then the first bad dims value.
+  if (const int64_t pos = bad_index.load(); pos != kNoErrorPos) {
+    const int64_t r = idx.scalar_type() == at::kInt ? idx.const_data_ptr<int32_t>()[pos]
+                                                    : idx.const_data_ptr<int64_t>()[pos];
+    raise_bad_index(pos, pr.F, r, pr.N);
+  }
+  if (const int64_t pos = bad_dims.load(); pos != kNoErrorPos) {
+    raise_bad_dims(pos, pr, d.const_data_ptr<int64_t>()[(pos / pr.F) * pr.dims_bstride + pos % pr.F]);
+  }
   return {out, norm};
 }
 
@@ -282,7 +329,10 @@ inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restr
   if constexpr (kThr) {
     const acc_t x = n - t;
     m = x > acc_t(0);
-    const acc_t h = step_ste_grad(x);
+    if (std::isnan(x)) {  // m = NaN: the direct term m * g is NaN on [0, k)
+      for (int64_t j = 0; j < k; ++j) acc[j] += quiet_nan<acc_t>();
+    }
+    const acc_t h = step_ste_grad(x);  // NaN for NaN x, 0 for |x| > 1 (also +-inf: no STE term at all)
     if (h != acc_t(0)) {
       acc_t s = 0;
       if (oov_row != nullptr) {
@@ -300,14 +350,15 @@ inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restr
   return sh;
 }
 
-// acc[j] += c * dn/dw[j] over the full row: sign(w) for p = 1, w / n for p = 2 (0 at n = 0).
+// acc[j] += c * dn/dw[j] over the full row: sign(w) for p = 1, w / n for p = 2 (0 at n = 0; NaN for a NaN n).
+// c == 0 (H = 0: |x| > 1, or x = +-inf) adds nothing, even for a row with inf entries.
 template <int P, typename scalar_t, typename acc_t>
 inline void add_norm_term(const scalar_t* __restrict__ w, int64_t D, acc_t c, acc_t n, acc_t* __restrict__ acc) {
   if (c == acc_t(0)) return;
   if constexpr (P == 1) {
     for (int64_t j = 0; j < D; ++j) acc[j] += c * sign_of(static_cast<acc_t>(w[j]));
   } else {
-    if (!(n > acc_t(0))) return;
+    if (n == acc_t(0)) return;
     const acc_t cn = c / n;
     for (int64_t j = 0; j < D; ++j) acc[j] += cn * static_cast<acc_t>(w[j]);
   }
@@ -326,7 +377,7 @@ struct BackwardPtrs {
 
 template <typename scalar_t, typename index_t, int P, bool kThr>
 void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ rows,
-                            at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+                            at::opmath_type<scalar_t>* __restrict__ sh_buf, std::atomic<int64_t>& bad_index) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto* g = static_cast<const scalar_t*>(ptr.g);
   const auto* w = static_cast<const scalar_t*>(ptr.w);
@@ -350,12 +401,12 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
       }
       const int64_t f = pos % F;
       const int64_t r = static_cast<int64_t>(idx[pos]);
-      if (r < 0 || r >= N) raise_bad_index(pos, F, r, N);
-      int64_t k = D;
-      if (ptr.dims != nullptr) {
-        k = ptr.dims[(pos / F) * pr.dims_bstride + f];
-        if (k < 0 || k > D) raise_bad_dims(pos, pr, k);
+      if (r < 0 || r >= N) {  // never touches the table; raised (first position) after the pass
+        record_first_error(bad_index, pos);
+        continue;
       }
+      int64_t k = D;
+      if (ptr.dims != nullptr) k = clamp_dims(ptr.dims[(pos / F) * pr.dims_bstride + f], D);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const acc_t sh = lookup_grad<kThr>(g + pos * D, w + r * D, oov != nullptr ? oov + f * D : nullptr, k,
                                          norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
@@ -428,12 +479,6 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
   std::vector<int64_t> keys;
   std::vector<int32_t> order;
   sort_lookups_by_row(idx, L, N, F, keys, order);
-  if (ptr.dims != nullptr) {  // validate dims up front: the row pass visits lookups in row order
-    const int64_t nd = pr.dims_bstride == 0 ? F : L;
-    for (int64_t i = 0; i < nd; ++i) {
-      if (ptr.dims[i] < 0 || ptr.dims[i] > D) raise_bad_dims(i, pr, ptr.dims[i]);
-    }
-  }
 
   const int64_t* key = keys.data();
   const int32_t* ord = order.data();
@@ -462,7 +507,7 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
         if (q + kRowPrefetchDistance < L) prefetch_lookup(q + kRowPrefetchDistance);
         const int64_t pos = ord[q];
         const int64_t f = pos % F;
-        const int64_t k = ptr.dims != nullptr ? ptr.dims[(pos / F) * pr.dims_bstride + f] : D;
+        const int64_t k = ptr.dims != nullptr ? clamp_dims(ptr.dims[(pos / F) * pr.dims_bstride + f], D) : D;
         const acc_t sh = lookup_grad<kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, k, norm[pos],
                                            kThr ? thr[f] : acc_t(0), acc.data());
         if constexpr (kThr) {
@@ -498,10 +543,15 @@ void field_reduce_kernel(const Problem& pr, const BackwardPtrs& ptr, const at::o
         if (thr != nullptr) {  // without threshold every lookup is kept: grad_oov stays 0
           for (int64_t b = 0; b < B; ++b) {
             const int64_t pos = b * F + f;
-            if (norm[pos] - thr[f] > acc_t(0)) continue;
-            const int64_t k = ptr.dims != nullptr ? ptr.dims[b * pr.dims_bstride + f] : D;
+            const acc_t x = norm[pos] - thr[f];
+            if (x > acc_t(0)) continue;
+            const int64_t k = ptr.dims != nullptr ? clamp_dims(ptr.dims[b * pr.dims_bstride + f], D) : D;
             const scalar_t* gr = g + pos * D;
-            for (int64_t j = 0; j < k; ++j) acc[j] += static_cast<acc_t>(gr[j]);
+            if (std::isnan(x)) {  // 1 - m = NaN
+              for (int64_t j = 0; j < k; ++j) acc[j] += quiet_nan<acc_t>();
+            } else {
+              for (int64_t j = 0; j < k; ++j) acc[j] += static_cast<acc_t>(gr[j]);
+            }
           }
         }
         store_row(grad_oov + f * D, acc.data(), D);
@@ -546,9 +596,10 @@ std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
   const Tensor w = weight.contiguous();
   const Tensor idx = indices.contiguous();
   const Tensor nrm = norm.to(acc).contiguous();
-  const Tensor thr = prepare_threshold(threshold, acc, op);
+  const Tensor thr = prepare_threshold(threshold, acc, op, /*check_nan=*/false);  // the forward checked
   const Tensor d = prepare_dims(dims);
   const Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : Tensor();
+  std::atomic<int64_t> bad_index{kNoErrorPos};
   const Tensor sh = thr.defined() ? at::empty({L}, weight.options().dtype(acc)) : Tensor();
   const Tensor gt_acc = thr.defined() ? at::empty({pr.F}, weight.options().dtype(acc)) : Tensor();
 
@@ -567,7 +618,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
         OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
           if (sparse) {
             backward_sparse_kernel<scalar_t, index_t, kP, kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
-                                                                sh_ptr);
+                                                                sh_ptr, bad_index);
           } else {
             backward_dense_kernel<scalar_t, index_t, kP, kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
                                                                sh_ptr);
@@ -575,6 +626,11 @@ std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
         });
       });
     });
+    if (const int64_t pos = bad_index.load(); pos != kNoErrorPos) {
+      const int64_t r = idx.scalar_type() == at::kInt ? idx.const_data_ptr<int32_t>()[pos]
+                                                      : idx.const_data_ptr<int64_t>()[pos];
+      raise_bad_index(pos, pr.F, r, pr.N);
+    }
     if (thr.defined() || oov.defined()) {
       field_reduce_kernel<scalar_t>(pr, ptr, sh_ptr, gt_acc.defined() ? gt_acc.mutable_data_ptr<acc_t>() : nullptr,
                                     oov.defined() ? grad_oov.mutable_data_ptr<scalar_t>() : nullptr);

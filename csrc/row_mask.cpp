@@ -13,6 +13,7 @@
 #include "row_mask.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -27,14 +28,22 @@ void row_mask_kernel(const scalar_t* __restrict__ w, const field_t* __restrict__
                      bool* __restrict__ mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  std::atomic<int64_t> first_bad{kNoErrorPos};
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t f = static_cast<int64_t>(field[r]);
-      TORCH_CHECK_INDEX(f >= 0 && f < F, "row_mask: field_of_row[", r, "] = ", f,
-                        " is out of range for threshold with F = ", F, " fields");
+      if (f < 0 || f >= F) {  // raised after the pass, naming the first bad row whatever the thread count
+        record_first_error(first_bad, r);
+        mask[r] = false;
+        continue;
+      }
       mask[r] = row_norm<P, acc_t>(w + r * D, D) - thr[f] > acc_t(0);
     }
   });
+  if (const int64_t r = first_bad.load(); r != kNoErrorPos) {
+    TORCH_CHECK_INDEX(false, "row_mask: field_of_row[", r, "] = ", static_cast<int64_t>(field[r]),
+                      " is out of range for threshold with F = ", F, " fields");
+  }
 }
 
 }  // namespace

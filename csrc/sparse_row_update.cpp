@@ -2,11 +2,14 @@
 //
 // Schema (TORCH_LIBRARY_FRAGMENT below):
 //   sparse_row_update(Tensor(a!) weight, Tensor indices, Tensor grad_rows, Tensor(b!)? state1, Tensor(c!)? state2,
-//                     str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, int step) -> ()
+//                     str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, int step,
+//                     bool check_indices=True) -> ()
 //
 // Arguments
 //   weight     (N, D) float32 / float64 / float16 / bfloat16, contiguous; updated in place
-//   indices    (M,)   int32 / int64, every entry in [0, N); may repeat, any order
+//   indices    (M,)   int32 / int64, every entry in [0, N); may repeat, any order. check_indices=True raises
+//                     IndexError naming the first entry outside [0, N) before anything is written; with
+//                     check_indices=False such entries are skipped (they update nothing)
 //   grad_rows  (M, D) same dtype and device as weight: grad_rows[i] is the gradient contribution of position i to
 //                     row indices[i] (e.g. the per-position rows of masked_embedding_backward(sparse=True), or the
 //                     values of an uncoalesced sparse COO gradient)
@@ -84,19 +87,28 @@ inline void sqrt_row(const double* in, double* out, int64_t n) {
 }
 
 // Stable LSD radix sort of positions 0..M-1 by key = indices[pos] in [0, N). Returns the sorted positions in
-// `order` and the keys in the same order in `keys`. Raises on an out-of-range index (naming the first one).
+// `order` and the keys in the same order in `keys`. With `check`, raises IndexError on the first out-of-range
+// index; without, out-of-range positions are left out (they update nothing: no write outside the table).
 template <typename index_t>
-void sort_positions_by_row(const index_t* idx, int64_t M, int64_t N, std::vector<int64_t>& keys,
+void sort_positions_by_row(const index_t* idx, int64_t M, int64_t N, bool check, std::vector<int64_t>& keys,
                            std::vector<int64_t>& order) {
   keys.resize(M);
   order.resize(M);
+  int64_t kept = 0;
   for (int64_t i = 0; i < M; ++i) {
     const int64_t r = static_cast<int64_t>(idx[i]);
-    TORCH_CHECK(r >= 0 && r < N, "sparse_row_update: indices[", i, "] = ", r, " is out of range [0, ", N,
-                ") for weight with ", N, " rows");
-    keys[i] = r;
-    order[i] = i;
+    if (r < 0 || r >= N) {
+      TORCH_CHECK_INDEX(!check, "sparse_row_update: indices[", i, "] = ", r, " is out of range [0, ", N,
+                        ") for weight with ", N, " rows");
+      continue;
+    }
+    keys[kept] = r;
+    order[kept] = i;
+    ++kept;
   }
+  keys.resize(kept);
+  order.resize(kept);
+  M = kept;
   if (M <= 1) return;
   int bits = 0;
   while (bits < 63 && (int64_t(1) << bits) < N) ++bits;
@@ -275,27 +287,29 @@ void sparse_row_update_check(const at::Tensor& weight, const at::Tensor& indices
 void sparse_row_update_cpu(at::Tensor weight, const at::Tensor& indices, const at::Tensor& grad_rows,
                            c10::optional<at::Tensor> state1, c10::optional<at::Tensor> state2,
                            c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2,
-                           double weight_decay, int64_t step) {
+                           double weight_decay, int64_t step, bool check_indices) {
   const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
   sparse_row_update_check(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2, weight_decay,
                           step);
   const RowOptimizer opt = parse_optimizer(optimizer);
   const int64_t N = weight.size(0), D = weight.size(1), M = indices.size(0);
-  if (M == 0 || D == 0) return;
+  if (M == 0) return;
   const at::Tensor idx = indices.contiguous();
   const at::Tensor grad = grad_rows.contiguous();
 
   std::vector<int64_t> keys, order;
   OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "sparse_row_update", [&] {
-    sort_positions_by_row<index_t>(idx.data_ptr<index_t>(), M, N, keys, order);
+    sort_positions_by_row<index_t>(idx.data_ptr<index_t>(), M, N, check_indices, keys, order);
   });
+  const int64_t K = static_cast<int64_t>(keys.size());  // positions with a valid row
+  if (K == 0 || D == 0) return;  // D = 0: the ids are still checked, nothing to update
   std::vector<int64_t> seg_start;
-  seg_start.reserve(M + 1);
+  seg_start.reserve(K + 1);
   seg_start.push_back(0);
-  for (int64_t i = 1; i < M; ++i) {
+  for (int64_t i = 1; i < K; ++i) {
     if (keys[i] != keys[i - 1]) seg_start.push_back(i);
   }
-  seg_start.push_back(M);
+  seg_start.push_back(K);
 
   OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "sparse_row_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -327,7 +341,7 @@ TORCH_LIBRARY_FRAGMENT(optembed, m) {
   m.def(
       "sparse_row_update(Tensor(a!) weight, Tensor indices, Tensor grad_rows, Tensor(b!)? state1, "
       "Tensor(c!)? state2, str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, "
-      "int step) -> ()");
+      "int step, bool check_indices=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(optembed, CPU, m) {

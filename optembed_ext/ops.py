@@ -11,9 +11,19 @@ Public functions (same names and signatures in :mod:`optembed_ext.reference`, th
 Every op validates its arguments in Python (raising ``TypeError``/``ValueError`` that names the argument) and
 dispatches through the torch dispatcher to the compiled CPU/CUDA kernels. Checks that need the data (index
 ranges with ``check_indices=True``, ``dims`` ranges, NaN thresholds) happen inside the kernels' main pass (no
-extra pass over the data) and surface as ``IndexError``/``ValueError`` naming the argument. On CUDA the kernel
+extra pass over the data) and surface as ``IndexError``/``ValueError`` naming the argument: every out-of-range id
+raises ``IndexError`` (every op, every backend), and the position reported is always the first bad one, whatever
+the thread count. Data checks look at the lookups only (a call without lookups checks nothing). On CUDA the kernel
 records the first bad position in a device flag that the host reads after the launch, so a checked call
 synchronises with the device once; ``check_indices=False`` skips the checks and the synchronisation.
+
+Unchecked calls (``check_indices=False``) mean the caller promises valid ids, but no path ever reads or writes
+outside a table: an out-of-range id (any 64-bit value) yields a zero output row and no gradient (the CPU
+``masked_embedding`` backward, which checks its ids anyway, raises ``IndexError``), out-of-range ``dims`` are
+clamped to ``[0, D]``, and ``sparse_row_update`` skips out-of-range ids.
+
+Non-finite values behave as IEEE arithmetic on the formulas, identically in the CPU kernel, the CUDA kernel and the
+reference (see :func:`masked_embedding`): NaN propagates, ``+-inf`` thresholds prune / keep a whole field.
 
 The compiled ops have ``torch.library.register_fake`` kernels (``torch.compile(fullgraph=True)`` traces through
 them) and ``torch.library.register_autograd`` formulas whose backward calls the matching ``*_backward`` op.
@@ -154,7 +164,9 @@ def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor
             a sequence of F ints, or None (all ``D`` dims).
         p: norm order, 1 or 2.
         oov_weight: ``(F, D)`` vector served (blended through the STE) for pruned rows, or None (zeros).
-        check_indices: validate ``0 <= indices < N`` inside the kernel (raises ``IndexError`` naming ``indices``).
+        check_indices: validate ``0 <= indices < N`` inside the kernel (raises ``IndexError`` naming ``indices``),
+            ``dims`` in ``[0, D]`` and ``threshold`` not NaN (``ValueError``). With False nothing is checked: an
+            out-of-range id gives a zero row, ``dims`` are clamped to ``[0, D]``, a NaN threshold propagates NaN.
         deterministic: fixed accumulation order in the backward pass (CUDA; the CPU kernel always is).
         sparse: the gradient of ``weight`` is a sparse COO tensor like ``nn.Embedding(sparse=True)``.
 
@@ -163,6 +175,17 @@ def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor
         ``out[b, f, j] = m * w[r, j] + (1 - m) * oov[f, j]`` for ``j < k`` and 0 beyond, with
         ``r = indices[b, f]``, ``m = (||w[r]||_p - threshold[f] > 0)``, ``k = dims[b, f]``.
         The derivative of the step is the long-tail straight-through estimator ``H`` (see ``csrc/common.h``).
+
+    Non-finite values (IEEE arithmetic on the formula, with ``step(NaN) = H(NaN) = NaN``):
+        - a NaN in a table row (threshold given) makes its norm NaN: ``out[b, f, :k]`` is NaN for every lookup of
+          that row, and so are the whole row's gradient, ``grad_threshold[f]`` and ``grad_oov[f, :k]`` (the row is
+          never silently treated as pruned). Without a threshold the row is copied as is (NaN where it is NaN).
+        - ``threshold[f] = +inf`` prunes every lookup of field ``f`` (OOV vector or zeros), ``-inf`` keeps every
+          one; ``H(+-inf) = 0``, so neither produces an STE term (no NaN from ``0 * inf``).
+        - a NaN threshold raises ``ValueError`` when checking; with ``check_indices=False`` it propagates NaN to
+          its field (``out[:, f, :k]`` and the gradients of the rows looked up in field ``f``).
+        - ``+-inf`` in a kept row is copied (norm ``inf``, ``x = inf``: kept, ``H = 0``); ``inf - inf`` is NaN.
+        Positions ``j >= k`` are always exact zeros with no gradient.
     """
     _check_float(weight, "weight")
     if weight.dim() != 2:
@@ -227,7 +250,11 @@ def _masked_embedding_grads(ctx, grad_out, sparse: bool, deterministic: bool):
                                                                 threshold, dims, ctx.p, oov_weight, deterministic,
                                                                 sparse)
     if sparse:
-        gw = torch.sparse_coo_tensor(indices.reshape(1, -1).long(), gw, weight.shape, check_invariants=False)
+        # Rows of out-of-range ids (only possible unchecked) are zero; clamp their ids so that the COO gradient
+        # never points outside the table.
+        ids = indices.reshape(1, -1).long()
+        ids = ids.clamp(0, weight.shape[0] - 1) if weight.shape[0] > 0 else ids[:, :0]
+        gw = torch.sparse_coo_tensor(ids, gw[: ids.shape[1]], weight.shape, check_invariants=False)
     return gw, (gt if threshold is not None else None), (goov if oov_weight is not None else None)
 
 
@@ -301,7 +328,9 @@ def compact_embedding(packed: Tensor, field_offsets: Tensor, field_dims: Tensor,
         remap: ``(N,)`` int32/int64 global id -> local row of its field, ``-1`` for pruned ids.
         indices: ``(B, F)`` int32/int64 global ids. out_dim: width of the zero-padded output.
         oov: ``(F, out_dim)`` vector served for pruned ids (its first ``D_f`` entries), or None (zeros).
-        check_indices: validate ids and remapped rows inside the kernel.
+        check_indices: validate ids and remapped rows inside the kernel (``IndexError`` naming ``indices`` or
+            ``remap``, first bad lookup). With False an invalid lookup yields zeros and no gradient; the layout
+            (``field_offsets``, ``field_dims``) is always validated (``ValueError``).
         deterministic: fixed accumulation order in the backward pass (the CPU kernel always is).
         sparse: the gradient of ``packed`` is a 1-D sparse COO tensor of the looked-up entries.
 
@@ -363,7 +392,8 @@ def _compact_sparse_grads(grad_out, packed, field_offsets, field_dims, remap, in
     """Sparse COO gradient of ``packed`` (one entry per looked-up kept element) and the dense ``oov`` gradient."""
     out_dim = grad_out.shape[2]
     d = field_dims.long()
-    r = remap.long()[indices.long()]  # (B, F)
+    rows = torch.where(d > 0, (field_offsets[1:] - field_offsets[:-1]) // d.clamp(min=1), torch.full_like(d, -1))
+    r = _ref._compact_rows(remap, indices, rows.unsqueeze(0))  # (B, F); -2 (invalid lookup): no gradient
     cols = torch.arange(out_dim, device=packed.device)
     in_dim = cols.view(1, 1, -1) < d.view(1, -1, 1)
     kept = (r >= 0).unsqueeze(-1)
@@ -374,7 +404,7 @@ def _compact_sparse_grads(grad_out, packed, field_offsets, field_dims, remap, in
                                           check_invariants=False)
     grad_oov = None
     if oov is not None:
-        grad_oov = (grad_out * (in_dim & ~kept).to(grad_out.dtype)).sum(0)
+        grad_oov = (grad_out * (in_dim & (r == -1).unsqueeze(-1)).to(grad_out.dtype)).sum(0)
     return grad_packed, grad_oov
 
 
@@ -415,7 +445,8 @@ _OPTIMIZERS = ("sgd", "adagrad", "adam")
 
 def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1: Optional[Tensor] = None,
                       state2: Optional[Tensor] = None, *, optimizer: str = "sgd", lr: float, eps: float = 1e-8,
-                      beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0, step: int = 1) -> None:
+                      beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0, step: int = 1,
+                      check_indices: bool = True) -> None:
     """Fused sparse optimizer step on the rows of ``weight`` listed in ``indices`` (in place, no autograd).
 
     Args:
@@ -425,6 +456,8 @@ def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1
         state1, state2: optimizer state in the accumulation dtype (float64 for float64 weights, else float32):
             sgd: none; adagrad: ``state1`` ``(N,)``; adam: ``state1``, ``state2`` ``(N, D)``.
         optimizer: ``"sgd"``, ``"adagrad"`` (row-wise) or ``"adam"`` (lazy). step: Adam step ``t >= 1``.
+        check_indices: raise ``IndexError`` naming the first entry of ``indices`` outside ``[0, N)`` before anything
+            is written. With False such entries are skipped (no write outside the table).
 
     Rows are summed per distinct id (ascending position), ``weight_decay * w`` is added, and the optimizer update is
     applied once per touched row; untouched rows and their state are neither read nor written.
@@ -482,18 +515,20 @@ def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1
         raise TypeError(f"step must be an int, got {type(step).__name__}")
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
+    _check_bool(check_indices, "check_indices")
     if _reference_path("sparse_row_update", weight.device):
         _ref.sparse_row_update(weight, indices, grad_rows, state1, state2, optimizer=optimizer, lr=float(lr),
                                eps=float(eps), beta1=float(beta1), beta2=float(beta2),
-                               weight_decay=float(weight_decay), step=step)
+                               weight_decay=float(weight_decay), step=step, check_indices=check_indices)
         return
     with torch.no_grad():
         torch.ops.optembed.sparse_row_update(weight, indices, grad_rows, state1, state2, optimizer, float(lr),
-                                             float(eps), float(beta1), float(beta2), float(weight_decay), step)
+                                             float(eps), float(beta1), float(beta2), float(weight_decay), step,
+                                             check_indices)
 
 
 def _sparse_row_update_fake(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2,
-                            weight_decay, step):
+                            weight_decay, step, check_indices=True):
     return None
 
 

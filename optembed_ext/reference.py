@@ -6,9 +6,10 @@ purposes: the test oracle of the compiled kernels, the fallback when the compile
 (or when ``optembed_ext.ops.use_reference(True)`` / ``OPTEMBED_USE_REFERENCE=1`` asks for it), and readable
 documentation of the semantics.
 
-The references only validate what the kernels validate at run time (index ranges, ``dims`` ranges, NaN
-thresholds); shape/dtype checks live in :mod:`optembed_ext.ops`, which validates before dispatching to either
-implementation.
+The references validate what the kernels validate at run time (index ranges, ``dims`` ranges, NaN thresholds,
+the packed layout of ``compact_embedding``), with the same exception types and messages naming the argument, and
+treat non-finite values and unchecked out-of-range ids as the kernels do; shape/dtype checks live in
+:mod:`optembed_ext.ops`, which validates before dispatching to either implementation.
 """
 from __future__ import annotations
 
@@ -44,17 +45,11 @@ def _check_threshold_not_nan(threshold: torch.Tensor, op: str) -> None:
 # ============================================================================================ masked_embedding
 def step_ste_grad(x: torch.Tensor) -> torch.Tensor:
     """Long-tail straight-through estimator of the unit step's derivative (OptEmbed):
-    ``H(x) = 2 - 4|x|`` for ``|x| <= 0.4``, ``0.4`` for ``0.4 < |x| <= 1``, ``0`` otherwise."""
+    ``H(x) = 2 - 4|x|`` for ``|x| <= 0.4``, ``0.4`` for ``0.4 < |x| <= 1``, ``0`` otherwise (``+-inf`` included),
+    NaN for NaN ``x``."""
     ax = x.abs()
-    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, torch.where(ax <= 1.0, torch.full_like(x, 0.4),
-                                                              torch.zeros_like(x)))
-
-
-def _step_ste(x: torch.Tensor) -> torch.Tensor:
-    """Unit step ``(x > 0)`` in the forward pass whose autograd derivative is ``H(x)`` (detach trick)."""
-    hard = (x > 0).to(x.dtype)
-    h = step_ste_grad(x.detach())
-    return hard + h * (x - x.detach())
+    h = torch.where(ax <= 0.4, 2.0 - 4.0 * ax, torch.where(ax <= 1.0, torch.full_like(x, 0.4), torch.zeros_like(x)))
+    return torch.where(torch.isnan(x), x, h)
 
 
 def masked_embedding(weight: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor | None = None,
@@ -64,36 +59,72 @@ def masked_embedding(weight: torch.Tensor, indices: torch.Tensor, threshold: tor
 
     ``n = ||weight[r]||_p``, ``m = step(n - threshold[f])`` (1 without threshold) with the long-tail STE as its
     derivative, ``out[b, f, :k] = m * w[r, :k] + (1 - m) * oov[f, :k]`` and zeros beyond ``k = dims[b, f]``.
+
+    Non-finite values follow IEEE arithmetic with ``step(NaN) = H(NaN) = NaN``: a NaN ``x = n - threshold[f]``
+    (NaN in the row, a NaN threshold when unchecked, ``inf - inf``) gives NaN in ``out[b, f, :k]`` and in the
+    gradients of that row (all of it), of ``threshold[f]`` and of ``oov[f, :k]``; ``x = -inf`` / ``+inf``
+    (threshold ``+inf`` / ``-inf``) prunes / keeps with ``H = 0`` (no STE term, never ``0 * inf``).
+    ``check_indices=False``: no data checks; an id outside ``[0, N)`` yields a zero row (no gradient), ``dims``
+    are clamped to ``[0, D]``.
     """
     del deterministic  # autograd of this expression has a fixed order on the CPU
     N, D = weight.shape
     B, nf = indices.shape
     idx = indices.long()
-    if check_indices:
+    dev = weight.device
+    k = None if dims is None else torch.as_tensor(dims, device=dev).long()
+    # Data checks look at the lookups only (as the kernels): without lookups nothing is checked.
+    if check_indices and idx.numel():
+        if threshold is not None:
+            _check_threshold_not_nan(threshold, "masked_embedding_forward")
         _check_index_range(idx, N, "indices")
+        if k is not None:
+            bad_k = (k < 0) | (k > D)
+            if bool(bad_k.any()):
+                bad = bad_k.nonzero()[0]
+                raise ValueError(f"dims{bad.tolist()} = {int(k[tuple(bad)])} must lie in [0, D = {D}]")
+    valid = None
+    if not check_indices and idx.numel():
+        valid = (idx >= 0) & (idx < N)
+        if bool(valid.all()):
+            valid = None
+        else:  # never index outside the table: invalid ids read row 0 and are zeroed below (no gradient)
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
     rows = F.embedding(idx, weight, sparse=sparse)  # (B, F, D); every weight gradient flows through here
-    acc = acc_dtype(weight.dtype)
-    if threshold is not None:
-        _check_threshold_not_nan(threshold, "masked_embedding")
-        norm = torch.linalg.vector_norm(rows, ord=p, dim=-1, dtype=acc)  # subgradient 0 at n = 0 (p = 2)
-        m = _step_ste(norm - threshold.to(acc))  # (B, F)
-    else:
-        m = torch.ones(B, nf, dtype=acc, device=weight.device)
-    m = m.to(weight.dtype).unsqueeze(-1)
-    if oov_weight is not None:
-        out = m * rows + (1 - m) * oov_weight.unsqueeze(0)
-    else:
-        out = m * rows
-    if dims is not None:
-        k = torch.as_tensor(dims, device=weight.device).long()
-        if k.numel() and bool(((k < 0) | (k > D)).any()):
-            bad = ((k < 0) | (k > D)).nonzero()[0]
-            raise ValueError(f"dims{bad.tolist()} = {int(k[tuple(bad)])} must lie in [0, D = {D}]")
+    if valid is not None:
+        rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))
+    keep_cols = None
+    if k is not None:
+        k = k.clamp(0, D)
         if k.dim() == 1:
             k = k.unsqueeze(0)
-        cols = torch.arange(D, device=weight.device)
-        keep = (cols < k.unsqueeze(-1)).to(out.dtype)  # (1 or B, F, D)
-        out = out * keep
+        keep_cols = torch.arange(D, device=dev) < k.unsqueeze(-1)  # (1 or B, F, D)
+
+    def prefix(t: torch.Tensor) -> torch.Tensor:  # exact zeros beyond k (no 0 * NaN), no gradient there
+        return t if keep_cols is None else torch.where(keep_cols, t, torch.zeros((), dtype=t.dtype, device=dev))
+
+    if threshold is None:
+        out = prefix(rows)
+    else:
+        acc = acc_dtype(weight.dtype)
+        t = threshold.to(acc)
+        rows_d = rows.detach()
+        x_d = torch.linalg.vector_norm(rows_d, ord=p, dim=-1, dtype=acc) - t.detach()  # (B, F)
+        h = step_ste_grad(x_d)  # NaN for NaN x, 0 for |x| > 1 (including +-inf)
+        active = h != 0  # lookups with an STE term (NaN included)
+        # The norm carries a gradient only where the STE is active: elsewhere its derivative is a hard zero, even
+        # for rows with inf entries (no 0 * inf = NaN through the norm's backward).
+        rows_n = torch.where(active.unsqueeze(-1), rows, rows_d)
+        x = torch.linalg.vector_norm(rows_n, ord=p, dim=-1, dtype=acc) - t  # subgradient 0 at n = 0 (p = 2)
+        hard = torch.where(torch.isnan(x_d), x_d, (x_d > 0).to(acc))  # step(x): 1, 0, or NaN
+        ste = torch.where(active, h * (x - x.detach()), torch.zeros_like(x))  # value 0 (NaN if x is), slope H
+        m = (hard + ste).to(weight.dtype).unsqueeze(-1)
+        if oov_weight is not None:
+            out = prefix(m * prefix(rows) + (1 - m) * prefix(oov_weight.unsqueeze(0)))
+        else:
+            out = prefix(m * prefix(rows))
+    if valid is not None:
+        out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=dev))
     return out
 
 
@@ -110,6 +141,52 @@ def row_mask(weight: torch.Tensor, field_of_row: torch.Tensor, threshold: torch.
 
 
 # =========================================================================================== compact_embedding
+def _compact_layout_rows(packed: torch.Tensor, field_offsets: torch.Tensor, field_dims: torch.Tensor,
+                         out_dim: int) -> list[int]:
+    """Validates the packed layout as the kernels do (same ValueError messages) and returns the rows ``R_f`` of
+    each field's block (``-1`` for a field with ``field_dims == 0``: nothing is read, any row is allowed)."""
+    offs = [int(v) for v in field_offsets.tolist()]
+    dims = [int(v) for v in field_dims.tolist()]
+    nf = len(dims)
+    P = packed.numel()
+    if offs[0] < 0:
+        raise ValueError(f"compact_embedding: field_offsets[0] must be >= 0, got {offs[0]}")
+    if offs[nf] > P:
+        raise ValueError(f"compact_embedding: field_offsets[F] = {offs[nf]} exceeds packed.numel() = {P}")
+    rows = []
+    for f, d in enumerate(dims):
+        if not 0 <= d <= out_dim:
+            raise ValueError(f"compact_embedding: field_dims[{f}] = {d} must lie in [0, out_dim = {out_dim}]")
+        length = offs[f + 1] - offs[f]
+        if length < 0:
+            raise ValueError(f"compact_embedding: field_offsets must be non-decreasing, field_offsets[{f}] = "
+                             f"{offs[f]} > field_offsets[{f + 1}] = {offs[f + 1]}")
+        if d == 0:
+            if length != 0:
+                raise ValueError(f"compact_embedding: field {f} has field_dims 0 but a non-empty block of {length} "
+                                 f"values in packed (field_offsets[{f}] = {offs[f]}, field_offsets[{f + 1}] = "
+                                 f"{offs[f + 1]})")
+            rows.append(-1)
+        else:
+            if length % d != 0:
+                raise ValueError(f"compact_embedding: block of field {f} in packed has {length} values "
+                                 f"(field_offsets[{f + 1}] - field_offsets[{f}]), not a multiple of "
+                                 f"field_dims[{f}] = {d}")
+            rows.append(length // d)
+    return rows
+
+
+def _compact_rows(remap: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``r = remap[indices]`` (B, F), with ``-2`` for an invalid lookup (id outside ``[0, N)``, or remapped row
+    outside ``[-1, R_f)`` for a field with ``D_f > 0``); never indexes outside ``remap``."""
+    n = remap.numel()
+    idx = indices.long()
+    ok = (idx >= 0) & (idx < n)
+    r = remap.long()[torch.where(ok, idx, torch.zeros_like(idx))] if n else torch.zeros_like(idx)
+    ok = ok & (r >= -1) & ((rows < 0) | (r < rows)).expand_as(r)
+    return torch.where(ok, r, torch.full_like(r, -2))
+
+
 def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_dims: torch.Tensor,
                       remap: torch.Tensor, indices: torch.Tensor, out_dim: int, oov: torch.Tensor | None = None, *,
                       check_indices: bool = True, deterministic: bool = False, sparse: bool = False) -> torch.Tensor:
@@ -117,23 +194,29 @@ def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_d
 
     ``r = remap[indices[b, f]]``; ``out[b, f, j] = packed[field_offsets[f] + r * D_f + j]`` for ``r >= 0`` and
     ``j < D_f``, ``oov[f, j]`` (or 0) for ``r == -1`` and ``j < D_f``, and 0 for ``j >= D_f``.
+
+    The layout (``field_offsets``, ``field_dims``, ``out_dim``) is always validated as by the kernels (ValueError
+    naming the argument); with ``check_indices`` every looked-up id and remapped row is validated too (IndexError
+    naming ``indices`` / ``remap``, first bad lookup); without, an invalid lookup yields zeros and no gradient.
     """
     B, nf = indices.shape
     dev = packed.device
-    idx = indices.long()
-    rmp = remap.long()
+    rows_f = torch.tensor(_compact_layout_rows(packed, field_offsets, field_dims, out_dim), dtype=torch.long,
+                          device=dev)
     d = field_dims.long()
     off = field_offsets.long()
-    if check_indices:
-        _check_index_range(idx, rmp.numel(), "indices")
-    r = rmp[idx] if idx.numel() else torch.zeros(B, nf, dtype=torch.long, device=dev)  # (B, F)
+    n = remap.numel()
+    r = _compact_rows(remap, indices, rows_f.unsqueeze(0))  # (B, F), -2 = invalid
     if check_indices and r.numel():
-        rows = torch.where(d > 0, (off[1:] - off[:-1]) // d.clamp(min=1), torch.zeros_like(d))  # R_f
-        bad = (r < -1) | ((r >= rows.unsqueeze(0)) & (d.unsqueeze(0) > 0))
+        bad = r == -2
         if bool(bad.any()):
             b, f = (int(i) for i in bad.nonzero()[0])
-            raise IndexError(f"compact_embedding: remap[{int(idx[b, f])}] = {int(r[b, f])} (looked up by "
-                             f"indices[{b}, {f}]) is out of range [-1, {int(rows[f])}) for field {f}")
+            i = int(indices[b, f])
+            if not 0 <= i < n:
+                raise IndexError(f"compact_embedding: indices[{b}, {f}] = {i} is out of range [0, N = {n}) "
+                                 f"where N = remap.numel()")
+            raise IndexError(f"compact_embedding: remap[{i}] = {int(remap[i])} (looked up by indices[{b}, {f}]) "
+                             f"is out of range [-1, {int(rows_f[f])}) for field {f} (rows in its block of packed)")
     cols = torch.arange(out_dim, device=dev)
     in_dim = cols.view(1, 1, -1) < d.view(1, -1, 1)  # (1, F, out_dim): j < D_f
     kept = (r >= 0).unsqueeze(-1)  # (B, F, 1)
@@ -148,7 +231,7 @@ def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_d
         vals = packed[pos]
     out = torch.zeros(B, nf, out_dim, dtype=packed.dtype, device=dev).masked_scatter(sel, vals)
     if oov is not None:
-        out = out + oov.unsqueeze(0) * (in_dim & ~kept).to(packed.dtype)
+        out = out + oov.unsqueeze(0) * (in_dim & (r == -1).unsqueeze(-1)).to(packed.dtype)
     return out
 
 
@@ -193,23 +276,34 @@ class _SparseGather(torch.autograd.Function):
 def sparse_row_update(weight: torch.Tensor, indices: torch.Tensor, grad_rows: torch.Tensor,
                       state1: torch.Tensor | None = None, state2: torch.Tensor | None = None, *,
                       optimizer: str = "sgd", lr: float, eps: float = 1e-8, beta1: float = 0.9, beta2: float = 0.999,
-                      weight_decay: float = 0.0, step: int = 1) -> None:
+                      weight_decay: float = 0.0, step: int = 1, check_indices: bool = True) -> None:
     """Reference of :func:`optembed_ext.ops.sparse_row_update` (updates ``weight`` and the states in place).
 
     For each distinct row ``r`` of ``indices``: ``g = sum of grad_rows[i] over indices[i] == r``
     (``+ weight_decay * w[r]``), then an SGD / row-wise Adagrad / lazy Adam step on that row only.
+    ``check_indices=True`` raises IndexError on the first id outside ``[0, N)`` before anything is written;
+    with ``check_indices=False`` such ids are skipped (they update nothing).
     """
     if optimizer not in ("sgd", "adagrad", "adam"):
         raise ValueError(f"optimizer must be 'sgd', 'adagrad' or 'adam', got {optimizer!r}")
-    if indices.numel() == 0:
-        return
     N, D = weight.shape
     idx = indices.long().reshape(-1)
-    _check_index_range(idx, N, "indices")
+    grad_rows = grad_rows.reshape(idx.numel(), D)
+    if idx.numel() == 0:
+        return
+    valid = (idx >= 0) & (idx < N)
+    if not bool(valid.all()):
+        if check_indices:
+            i = int((~valid).nonzero()[0, 0])
+            raise IndexError(f"sparse_row_update: indices[{i}] = {int(idx[i])} is out of range [0, {N}) for weight "
+                             f"with {N} rows")
+        idx, grad_rows = idx[valid], grad_rows[valid]
+    if idx.numel() == 0 or D == 0:  # D = 0: the ids are still checked, nothing to update
+        return
     acc = acc_dtype(weight.dtype)
     uniq, inv = torch.unique(idx, return_inverse=True)
     g = torch.zeros(uniq.numel(), D, dtype=acc, device=weight.device)
-    g.index_add_(0, inv, grad_rows.reshape(-1, D).to(acc))
+    g.index_add_(0, inv, grad_rows.to(acc))
     w = weight[uniq].to(acc)
     if weight_decay != 0:
         g = g + weight_decay * w

@@ -472,3 +472,181 @@ def test_torch_compile_inductor(device):
     got = run(torch.compile(f, fullgraph=True), prob)
     for a, e in zip(got, eager):
         torch.testing.assert_close(a, e)
+
+
+# ------------------------------------------------------------------------------- non-finite values, unchecked ids
+class _Backend:
+    """``with _Backend(use_ref):`` runs the block on the reference (True) or the compiled kernels (False)."""
+
+    def __init__(self, use_ref):
+        self.use_ref = use_ref
+
+    def __enter__(self):
+        self.previous = ops.use_reference()
+        ops.use_reference(self.use_ref)
+
+    def __exit__(self, *exc):
+        ops.use_reference(self.previous)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("oov", [False, True])
+@pytest.mark.parametrize("p", [1, 2])
+def test_infinite_threshold_prunes_or_keeps_the_whole_field(device, p, oov, use_ref):
+    prob = make_problem(device, p=p, oov=oov, dims_mode="BF")
+    prob["threshold"][0] = float("inf")   # every lookup of field 0 pruned
+    prob["threshold"][1] = float("-inf")  # every lookup of field 1 kept
+    with _Backend(use_ref):
+        got = run(ops.masked_embedding, prob)
+    want = direct_formula(*(prob[k] for k in ("weight", "indices", "threshold", "dims", "p", "oov_weight", "grad")))
+    for a, e, name in zip(got, want, ("out", "grad_weight", "grad_threshold", "grad_oov")):
+        assert a is None or bool(torch.isfinite(a).all()), f"{name}: non-finite values"
+        assert_close(a, e, torch.float64, name)
+    out, _, gt, _ = got
+    k = prob["dims"].unsqueeze(-1)
+    cols = torch.arange(out.shape[-1], device=device)
+    kept = prob["weight"][prob["indices"][:, 1]] * (cols < k[:, 1])
+    assert torch.equal(out[:, 1], kept)
+    pruned = prob["oov_weight"][0] * (cols < k[:, 0]) if oov else torch.zeros_like(out[:, 0])
+    assert torch.equal(out[:, 0], pruned)
+    assert gt[0] == 0 and gt[1] == 0  # H(+-inf) = 0: no STE term
+
+
+def _nan_expectations(prob, bad, nan_rows, got, want):
+    """Asserts NaN exactly where the semantics put it and the formula's values everywhere else.
+
+    bad: (B, F) lookups whose x = norm - threshold is NaN; nan_rows: table rows whose whole gradient is NaN."""
+    out, gw, gt, go = got
+    w_out, w_gw, w_gt, w_go = want
+    B, nf, D = out.shape
+    dims = prob["dims"]
+    k = torch.full((B, nf), D, device=out.device) if dims is None else dims.long().expand(B, nf)
+    prefix = torch.arange(D, device=out.device) < k.unsqueeze(-1)  # (B, F, D)
+    nan_out = bad.unsqueeze(-1) & prefix
+    assert torch.equal(torch.isnan(out), nan_out), "out: NaN exactly on [0, k) of the NaN lookups"
+    assert bool((out[bad.unsqueeze(-1) & ~prefix] == 0).all()), "out: exact zeros beyond k"
+    assert_close(torch.where(nan_out, 0, out), torch.where(nan_out, 0, w_out), torch.float64, "out")
+    row_nan = torch.zeros(gw.shape[0], dtype=torch.bool, device=gw.device)
+    row_nan[nan_rows] = True
+    assert torch.equal(torch.isnan(gw), row_nan.unsqueeze(-1).expand_as(gw)), "grad_weight: NaN on whole rows"
+    assert_close(gw[~row_nan], w_gw[~row_nan], torch.float64, "grad_weight")
+    field_nan = bad.any(0)
+    assert torch.equal(torch.isnan(gt), field_nan), "grad_threshold: NaN for the fields of NaN lookups"
+    assert_close(gt[~field_nan], w_gt[~field_nan], torch.float64, "grad_threshold")
+    if go is not None:
+        go_nan = (bad.unsqueeze(-1) & prefix).any(0)  # (F, D)
+        assert torch.equal(torch.isnan(go), go_nan), "grad_oov: NaN on [0, k) of the NaN lookups' fields"
+        assert_close(torch.where(go_nan, 0, go), torch.where(go_nan, 0, w_go), torch.float64, "grad_oov")
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("dims_mode", [None, "F"])
+@pytest.mark.parametrize("oov", [False, True])
+@pytest.mark.parametrize("p", [1, 2])
+def test_nan_in_a_row_propagates_to_its_output_and_gradients(device, p, oov, dims_mode, use_ref):
+    prob = make_problem(device, p=p, oov=oov, dims_mode=dims_mode)
+    if dims_mode == "F":
+        prob["dims"][3] = 2  # the NaN sits beyond the kept prefix: the norm still sees it
+    r = int(prob["indices"][0, 3])
+    D = prob["weight"].shape[1]
+    want = direct_formula(*(prob[k] for k in ("weight", "indices", "threshold", "dims", "p", "oov_weight", "grad")))
+    prob["weight"][r, D - 1] = float("nan")
+    with _Backend(use_ref):
+        got = run(ops.masked_embedding, prob)
+    bad = prob["indices"] == r
+    _nan_expectations(prob, bad, [r], got, want)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("p", [1, 2])
+def test_nan_threshold_unchecked_propagates_to_its_field(device, p, use_ref):
+    prob = make_problem(device, p=p, oov=True, dims_mode="F")
+    prob["dims"][1] = 3
+    want = direct_formula(*(prob[k] for k in ("weight", "indices", "threshold", "dims", "p", "oov_weight", "grad")))
+    prob["threshold"][1] = float("nan")
+    with _Backend(use_ref):
+        got = run(ops.masked_embedding, prob, check_indices=False)
+        with pytest.raises(ValueError, match=r"threshold\[1\] is NaN"):  # checked: rejected, naming the field
+            ops.masked_embedding(prob["weight"], prob["indices"], prob["threshold"], prob["dims"], p)
+    bad = torch.zeros_like(prob["indices"], dtype=torch.bool)
+    bad[:, 1] = True
+    _nan_expectations(prob, bad, prob["indices"][:, 1].unique(), got, want)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_nan_row_without_threshold_is_copied(device, use_ref):
+    w = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    with torch.no_grad():
+        w[2, 1] = float("nan")
+    idx = torch.tensor([[2, 0], [1, 2]], device=device)
+    with _Backend(use_ref):
+        out = ops.masked_embedding(w, idx)
+    assert torch.equal(torch.isnan(out), torch.isnan(w.detach()[idx]))
+    out.backward(torch.ones_like(out))
+    assert bool(torch.isfinite(w.grad).all())
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_unchecked_out_of_range_ids_never_touch_memory(device, sparse, use_ref):
+    w = torch.randn(10, 4, dtype=torch.float64, device=device)
+    t = torch.zeros(2, dtype=torch.float64, device=device)
+    idx = torch.tensor([[1, 4_000_000_000], [-1, 3], [10, 2 ** 40], [7, -(2 ** 62)]], device=device)
+    valid = (idx >= 0) & (idx < 10)
+    wg = w.clone().requires_grad_(True)
+    with _Backend(use_ref):
+        out = ops.masked_embedding(wg, idx, t, None, 2, None, check_indices=False, sparse=sparse)
+        assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
+        assert torch.equal(out[valid], w[idx[valid]])
+        try:  # the CPU kernel's backward checks its ids; every other path gives them no gradient
+            out.backward(torch.ones_like(out))
+        except IndexError as exc:
+            assert "indices" in str(exc)
+        else:
+            gw = wg.grad.to_dense() if wg.grad.is_sparse else wg.grad
+            assert gw.shape == w.shape and bool(torch.isfinite(gw).all())
+        # checked: the full 64-bit value is reported (never truncated to a 32-bit offset)
+        bad = torch.tensor([[1, 4_000_000_000]], device=device)
+        with pytest.raises(IndexError, match="= 4000000000 is out of range"):
+            ops.masked_embedding(w, bad, t[:2])
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_unchecked_dims_are_clamped_and_empty_batches_check_nothing(device, use_ref):
+    prob = make_problem(device, p=2, oov=True)
+    D = prob["weight"].shape[1]
+    wild = torch.tensor([-3, D + 4, 2, 0, D], device=device)
+    clamped = wild.clamp(0, D)
+    with _Backend(use_ref):
+        got = run(ops.masked_embedding, dict(prob, dims=wild), check_indices=False)
+        want = run(ops.masked_embedding, dict(prob, dims=clamped))
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
+        with pytest.raises(ValueError, match="dims"):
+            ops.masked_embedding(prob["weight"], prob["indices"], prob["threshold"], wild)
+        # no lookups: nothing to check, with or without checks (NaN threshold, dims out of range)
+        empty = prob["indices"][:0]
+        t = prob["threshold"].clone()
+        t[0] = float("nan")
+        for check in (True, False):
+            out = ops.masked_embedding(prob["weight"], empty, t, wild, 2, prob["oov_weight"], check_indices=check)
+            assert out.shape == (0, 5, D)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_first_bad_index_is_reported_whatever_the_threads(device, use_ref):
+    B, nf, D = 20000, 2, 4  # several parallel chunks
+    w = torch.randn(8, D, device=device)
+    idx = torch.randint(0, 8, (B, nf), device=device)
+    idx.view(-1)[B * nf // 2 - 1] = 8  # the last lookup of the first half ...
+    idx.view(-1)[B * nf // 2:] = -1   # ... comes before every lookup of the second half
+    first = B * nf // 2 - 1
+    with _Backend(use_ref):
+        for sparse in (False, True):
+            with pytest.raises(IndexError, match=rf"indices\[{first // nf}, {first % nf}\] = 8 "):
+                ops.masked_embedding(w, idx, None, None, 1, None, sparse=sparse)
+        dims = torch.full((B, nf), D, device=device)
+        dims.view(-1)[first] = D + 1
+        dims.view(-1)[first + 1:] = -1
+        with pytest.raises(ValueError, match=rf"dims\[{first // nf}, {first % nf}\] = {D + 1} "):
+            ops.masked_embedding(w, idx.clamp(0, 7), None, dims)

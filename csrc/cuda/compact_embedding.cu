@@ -219,7 +219,7 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
   const int64_t B = indices.size(0), F = indices.size(1), D = out_dim, N = remap.numel();
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({B, F, D}, packed.options());
-  if (out.numel() == 0) return out;
+  if (B * F == 0) return out;  // no lookups: nothing to check (out_dim = 0 still checks the ids)
   const int64_t R = B * F;
   const at::Tensor packed_c = packed.contiguous();
   const at::Tensor offs_c = field_offsets.contiguous();
@@ -257,10 +257,10 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
     if (bad != kNoError) {
       const int64_t b = bad / F, f = bad % F;
       const int64_t id = idx.select(0, b).select(0, f).item<int64_t>();
-      TORCH_CHECK(id >= 0 && id < N, "compact_embedding: indices[", b, ", ", f, "] = ", id,
-                  " is out of range [0, N = ", N, ") where N = remap.numel()");
+      TORCH_CHECK_INDEX(id >= 0 && id < N, "compact_embedding: indices[", b, ", ", f, "] = ", id,
+                        " is out of range [0, N = ", N, ") where N = remap.numel()");
       const int64_t r = remap_c.select(0, id).item<int64_t>();
-      TORCH_CHECK(false, "compact_embedding: remap[", id, "] = ", r, " (looked up by indices[", b, ", ", f,
+      TORCH_CHECK_INDEX(false, "compact_embedding: remap[", id, "] = ", r, " (looked up by indices[", b, ", ", f,
                   "]) is out of range [-1, ", layout.rows[f], ") for field ", f, " (rows in its block of packed)");
     }
   }

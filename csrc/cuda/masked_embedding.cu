@@ -11,7 +11,10 @@
 // Out-of-range indices never touch memory (the row yields zeros). With check_indices=True the kernel also records
 // the first out-of-range index, the first dims value outside [0, D] and the first NaN threshold in error slots,
 // which the host reads after the launch (one small copy) and raises as on the CPU, naming the argument. With
-// check_indices=False nothing is synchronised: dims are clamped to [0, D] and a NaN threshold masks every row.
+// check_indices=False nothing is synchronised: dims are clamped to [0, D] and a NaN threshold propagates NaN to
+// its field. Non-finite values (as on the CPU and in the reference): x = norm - threshold[f] NaN (NaN in the row,
+// NaN threshold, inf - inf) gives out[b, f, :k] = NaN, m = NaN and H(x) = NaN in the backward; x = +-inf is a
+// plain prune / keep with H = 0 (no STE term).
 //
 // Backward, per position (b, f) with s = sum_{j<k} g[j] * (w[r, j] - oov[f, j]) and h = H(norm - threshold[f]):
 //   c[j] = m * g[j] * [j < k] + s * h * dn/dw[r, j]      (contribution of the position to grad_weight[r])
@@ -124,8 +127,10 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel
   const int64_t f = pos % F;
   if (lane == 0) norm_out[pos] = norm;
 
-  // Pass 2: masked / blended copy.
-  const bool keep = valid && (threshold == nullptr || norm - threshold[f] > acc_t(0));
+  // Pass 2: masked / blended copy (a NaN x = norm - threshold gives NaN on [0, k)).
+  const acc_t x = threshold == nullptr ? acc_t(1) : norm - threshold[f];
+  const bool nan_x = valid && x != x;
+  const bool keep = valid && x > acc_t(0);
   const bool use_oov = HAS_OOV && valid && !keep;
   const int64_t k = kept_dims<HAS_DIMS>(dims, dims_stride_b, pos / F, f, D);
   const scalar_t* src = keep ? wrow : (use_oov ? oov + f * D : nullptr);
@@ -133,7 +138,10 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel
   for (int64_t u = lane; u < units; u += G) {
     acc_t v[VEC];
     const int64_t j0 = u * VEC;
-    if (src != nullptr && j0 < k) {
+    if (nan_x) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[e] = j0 + e < k ? x : acc_t(0);
+    } else if (src != nullptr && j0 < k) {
       load_vec<VEC>(src + j0, v);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) v[e] = j0 + e < k ? v[e] : acc_t(0);
@@ -166,7 +174,7 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_backward_rows_
   int64_t r = 0, f = 0, k = 0;
   bool valid = false;
   acc_t h = acc_t(0), n = acc_t(0);
-  bool keep = true;
+  bool keep = true, nan_x = false;
   if (active) {
     r = indices[pos];
     valid = r >= 0 && r < N;
@@ -176,7 +184,8 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_backward_rows_
     if (threshold != nullptr) {
       const acc_t x = n - threshold[f];
       keep = x > acc_t(0);
-      h = step_ste_grad<acc_t>(x);
+      nan_x = x != x;                  // m = NaN: the direct term m * g is NaN on [0, k)
+      h = step_ste_grad<acc_t>(x);     // NaN for NaN x, 0 for |x| > 1 and x = +-inf
     }
   }
   const scalar_t* wrow = weight + (valid ? r : 0) * D;
@@ -216,12 +225,16 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_backward_rows_
     dst = atomic_grad + r * D;
   }
   if (dst == nullptr) return;
-  const bool need_w = valid && sh != acc_t(0);
-  const acc_t inv_n = (P == 2 && n > acc_t(0)) ? acc_t(1) / n : acc_t(0);
+  // Norm term s * h * dn/dw: none where h = 0 (strong zero, even for inf rows) or, for p = 2, at n = 0.
+  const bool need_w = valid && sh != acc_t(0) && (P == 1 || n != acc_t(0));
+  const acc_t inv_n = (P == 2 && n != acc_t(0)) ? acc_t(1) / n : acc_t(0);
   for (int64_t u = lane; u < units; u += G) {
     const int64_t j0 = u * VEC;
     acc_t c[VEC];
-    if (valid && keep && j0 < k) {
+    if (valid && nan_x) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) c[e] = j0 + e < k ? n - threshold[f] : acc_t(0);  // NaN
+    } else if (valid && keep && j0 < k) {
       load_vec<VEC>(grow + j0, c);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) c[e] = j0 + e < k ? c[e] : acc_t(0);
@@ -303,12 +316,13 @@ __global__ void masked_embedding_oov_grad_kernel(const scalar_t* __restrict__ gr
       acc_t acc = acc_t(0);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t pos = b * F + f;
-        if (norm[pos] - t > acc_t(0)) continue;  // kept row: no gradient to the OOV vector
+        const acc_t x = norm[pos] - t;
+        if (x > acc_t(0)) continue;  // kept row: no gradient to the OOV vector
         if (dims != nullptr) {
           const int64_t k = dims[b * dims_stride_b + f];
           if (j >= k) continue;
         }
-        acc += static_cast<acc_t>(grad_out[pos * D + j]);
+        acc += x != x ? x : static_cast<acc_t>(grad_out[pos * D + j]);  // 1 - m = NaN for a NaN x
       }
       partial[(c * F + f) * D + j] = acc;
     }

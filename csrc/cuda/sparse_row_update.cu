@@ -75,11 +75,14 @@ template <typename scalar_t, RowOptimizer OPT, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
     scalar_t* __restrict__ weight, const scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ state1,
     at::opmath_type<scalar_t>* __restrict__ state2, const int64_t* __restrict__ sorted_rows,
-    const int64_t* __restrict__ order, int64_t M, int64_t D, const Hyper<at::opmath_type<scalar_t>> h, int G) {
+    const int64_t* __restrict__ order, int64_t M, int64_t N, int64_t D, const Hyper<at::opmath_type<scalar_t>> h,
+    int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
-  const bool head = i < M && (i == 0 || sorted_rows[i - 1] != sorted_rows[i]);
+  // Out-of-range rows (only with check_indices=False) are never updated: no write outside the table.
+  const bool head = i < M && (i == 0 || sorted_rows[i - 1] != sorted_rows[i]) && sorted_rows[i] >= 0 &&
+                    sorted_rows[i] < N;
   int64_t r = 0, end = i + 1;
   if (head) {
     r = sorted_rows[i];
@@ -164,19 +167,19 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
 void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const at::Tensor& grad_rows,
                             c10::optional<at::Tensor> state1, c10::optional<at::Tensor> state2,
                             c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2,
-                            double weight_decay, int64_t step) {
+                            double weight_decay, int64_t step, bool check_indices) {
   const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
   sparse_row_update_check(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2, weight_decay,
                           step);
   const RowOptimizer opt = parse_optimizer(optimizer);
   const int64_t N = weight.size(0), D = weight.size(1), M = indices.size(0);
-  if (M == 0 || D == 0) return;
+  if (M == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = indices.to(at::kLong).contiguous();
 
-  // 1. validate before touching anything
-  {
+  // 1. validate before touching anything (check_indices=False: out-of-range rows are skipped by the kernel)
+  if (check_indices) {
     at::Tensor errors = make_error_slots(1, weight);
     validate_indices_kernel<<<static_cast<unsigned>(ceil_div(M, kBlockThreads)), kBlockThreads, 0, stream>>>(
         idx.const_data_ptr<int64_t>(), M, N, errors.mutable_data_ptr<int64_t>());
@@ -184,10 +187,12 @@ void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const 
     const int64_t bad = read_error_slots(errors)[0];
     if (bad != kNoError) {
       const int64_t r = idx.select(0, bad).item<int64_t>();
-      TORCH_CHECK(false, "sparse_row_update: indices[", bad, "] = ", r, " is out of range [0, ", N,
-                  ") for weight with ", N, " rows");
+      TORCH_CHECK_INDEX(false, "sparse_row_update: indices[", bad, "] = ", r, " is out of range [0, ", N,
+                        ") for weight with ", N, " rows");
     }
   }
+
+  if (D == 0) return;  // the ids are still checked, nothing to update
 
   // 2. (row, position) pairs sorted by row, positions ascending within a row
   const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -226,7 +231,7 @@ void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const 
         const GroupLaunch L = group_launch(M, D, V, "sparse_row_update");
         sparse_row_update_kernel<scalar_t, kOpt, V><<<L.blocks, kBlockThreads, 0, stream>>>(
             weight.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), s1, s2,
-            sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M, D, h, L.G);
+            sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M, N, D, h, L.G);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     };
