@@ -433,3 +433,129 @@ def test_bad_arguments_name_the_argument(layout, what, overrides_fn):
     lay, ids, _ = layout
     with pytest.raises(RAISES, match=what):
         _bad(lay, ids, **overrides_fn(lay, ids))
+
+
+# ----------------------------------------------------------------- same checks and semantics on every backend
+class _Backend:
+    def __init__(self, use_ref):
+        self.use_ref = use_ref
+
+    def __enter__(self):
+        self.previous = ops.use_reference()
+        ops.use_reference(self.use_ref)
+
+    def __exit__(self, *exc):
+        ops.use_reference(self.previous)
+
+
+def _small_layout(device="cpu"):
+    """Field 0: (2, 2) table, field 1: (3, 1) table; ids 0..2 field 0, ids 3..6 field 1."""
+    return {
+        "packed": torch.arange(1.0, 8.0, dtype=torch.float64, device=device),
+        "field_offsets": torch.tensor([0, 4, 7], device=device),
+        "field_dims": torch.tensor([2, 1], device=device),
+        "remap": torch.tensor([1, -1, 0, 2, -1, 0, 1], device=device),
+        "out_dim": 3,
+        "oov": torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], dtype=torch.float64, device=device),
+    }
+
+
+BAD_LAYOUTS = [
+    # (override, exception, message fragment naming the argument)
+    ({"field_dims": [4, 2]}, ValueError, r"field_dims\[0\] = 4 must lie in \[0, out_dim = 3\]"),
+    ({"field_dims": [-1, 1]}, ValueError, r"field_dims\[0\] = -1"),
+    ({"field_offsets": [-2, 4, 7]}, ValueError, r"field_offsets\[0\] must be >= 0"),
+    ({"field_offsets": [0, 4, 9]}, ValueError, r"field_offsets\[F\] = 9 exceeds packed.numel\(\) = 7"),
+    ({"field_offsets": [0, 8, 7], "packed": 9}, ValueError, "field_offsets must be non-decreasing"),
+    ({"field_offsets": [0, 3, 7]}, ValueError, r"not a multiple of field_dims\[0\] = 2"),
+    ({"field_dims": [2, 0]}, ValueError, r"field 1 has field_dims 0 but a non-empty block"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_LAYOUTS)))
+def test_layout_checked_identically_by_kernel_and_reference(device, case):
+    override, exc, fragment = BAD_LAYOUTS[case]
+    lay = _small_layout(device)
+    for key, value in override.items():
+        lay[key] = (torch.zeros(value, dtype=torch.float64, device=device) if key == "packed"
+                    else torch.tensor(value, device=device))
+    ids = torch.tensor([[0, 3], [2, 6]], device=device)
+    messages = []
+    for use_ref in ([False, True] if _ext.HAS_EXTENSION else [True]):
+        with _Backend(use_ref), pytest.raises(exc, match=fragment) as info:
+            call(lay, ids)
+        messages.append(str(info.value).splitlines()[0])
+    assert len(set(messages)) == 1, messages  # same message from the kernel and the reference
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_out_of_range_ids_and_rows_raise_index_error(device, use_ref):
+    lay = _small_layout(device)
+    ids = torch.tensor([[0, 3], [2, 6]], device=device)
+    remap = lay["remap"].clone()
+    remap[6] = 3  # field 1 has 3 rows
+    remap_neg = lay["remap"].clone()
+    remap_neg[0] = -2
+    with _Backend(use_ref):
+        for bad_value in (7, -1, 4_000_000_000):
+            bad = ids.clone()
+            bad[1, 0] = bad_value
+            with pytest.raises(IndexError, match=rf"indices\[1, 0\] = {bad_value} is out of range"):
+                call(lay, bad)
+        with pytest.raises(IndexError, match=r"remap\[6\] = 3 \(looked up by indices\[1, 1\]\)"):
+            call(dict(lay, remap=remap), ids)
+        with pytest.raises(IndexError, match=r"remap\[0\] = -2"):
+            call(dict(lay, remap=remap_neg), ids)
+        # out_dim = 0 still checks the ids
+        zero = dict(lay, field_dims=torch.zeros(2, dtype=torch.long, device=device),
+                    field_offsets=torch.zeros(3, dtype=torch.long, device=device), out_dim=0, oov=None)
+        with pytest.raises(IndexError, match="indices"):
+            call(zero, torch.tensor([[0, 7]], device=device))
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_first_bad_lookup_is_reported_whatever_the_threads(device, use_ref):
+    lay = _small_layout(device)
+    B = 40000
+    ids = torch.tensor([[0, 3]], device=device).repeat(B, 1)
+    first = B  # flat position B = (B // 2, 0)
+    ids.view(-1)[first] = 100
+    ids.view(-1)[first + 1:] = -5
+    with _Backend(use_ref), pytest.raises(IndexError, match=rf"indices\[{first // 2}, 0\] = 100 "):
+        call(lay, ids)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("mode", ["dense", "deterministic", "sparse"])
+def test_unchecked_invalid_lookups_read_and_write_nothing(device, mode, use_ref):
+    lay = _small_layout(device)
+    remap = lay["remap"].clone()
+    remap[5] = 50  # remapped row far outside field 1's table
+    remap[1] = -7  # neither a row nor -1
+    ids = torch.tensor([[0, 3], [-1, 6], [4_000_000_000, 5], [1, -(2 ** 40)], [2, 4]], device=device)
+    invalid = torch.tensor([[False, False], [True, False], [True, True], [True, True], [False, False]],
+                           device=device)
+    packed = lay["packed"].clone().requires_grad_(True)
+    oov = lay["oov"].clone().requires_grad_(True)
+    flags = {"dense": {}, "deterministic": {"deterministic": True}, "sparse": {"sparse": True}}[mode]
+    with _Backend(use_ref):
+        out = ops.compact_embedding(packed, lay["field_offsets"], lay["field_dims"], remap, ids, 3, oov,
+                                    check_indices=False, **flags)
+        grad = torch.randn(out.shape, dtype=out.dtype, device=device)
+        out.backward(grad)
+    assert torch.equal(out[invalid], torch.zeros_like(out[invalid]))
+    # the valid lookups, through the test's own expression on the valid rows only
+    keep = ~invalid.any(1)
+    p_r = lay["packed"].clone().requires_grad_(True)
+    o_r = lay["oov"].clone().requires_grad_(True)
+    want = expected(p_r, lay["field_offsets"], lay["field_dims"], remap, ids[keep], 3, o_r)
+    torch.testing.assert_close(out[keep], want)
+    # lookups (1, 1) and (2, 1)... row 1 (ids [-1, 6]) has a valid field-1 lookup: id 6 -> row 1
+    mixed = torch.tensor([1], device=device)
+    want_mixed = expected(p_r, lay["field_offsets"], lay["field_dims"], remap,
+                          torch.tensor([[0, 6]], device=device), 3, o_r)[:, 1]
+    torch.testing.assert_close(out[mixed, 1], want_mixed)
+    (want * grad[keep]).sum().add_((want_mixed * grad[mixed, 1]).sum()).backward()
+    gp = packed.grad.to_dense() if packed.grad.is_sparse else packed.grad
+    torch.testing.assert_close(gp, p_r.grad)
+    torch.testing.assert_close(oov.grad, o_r.grad)

@@ -140,3 +140,34 @@ def test_bad_inputs_raise_naming_the_argument(device, use_ref):
                 ops.row_mask(**args)
     finally:
         ops.use_reference(previous)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_first_bad_field_is_reported_whatever_the_threads(device, use_ref):
+    N = 100000  # several parallel chunks
+    w = torch.randn(N, 2, device=device)
+    fr = torch.zeros(N, dtype=torch.long, device=device)
+    fr[N // 2 - 1] = 5  # the last row of the first half comes before every row of the second half
+    fr[N // 2:] = -1
+    previous = ops.use_reference()
+    ops.use_reference(use_ref)
+    try:
+        with pytest.raises(IndexError, match=rf"field_of_row\[{N // 2 - 1}\] = 5 "):
+            ops.row_mask(w, fr, torch.zeros(2, device=device))
+    finally:
+        ops.use_reference(previous)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_nan_row_is_not_kept_and_infinite_thresholds(device, use_ref):
+    w = torch.randn(6, 3, dtype=torch.float64, device=device)
+    w[1, 2] = float("nan")
+    fr = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    t = torch.tensor([0.0, float("inf"), float("-inf")], dtype=torch.float64, device=device)
+    previous = ops.use_reference()
+    ops.use_reference(use_ref)
+    try:
+        mask = ops.row_mask(w, fr, t, 2)
+    finally:
+        ops.use_reference(previous)
+    assert mask.tolist() == [True, False, False, False, True, True]

@@ -13,9 +13,10 @@ KINDS = ("sgd", "adagrad", "adam")
 
 
 def _torch_op(weight, indices, grad_rows, state1=None, state2=None, *, optimizer="sgd", lr, eps=1e-8, beta1=0.9,
-              beta2=0.999, weight_decay=0.0, step=1):
+              beta2=0.999, weight_decay=0.0, step=1, check_indices=None):
+    extra = () if check_indices is None else (check_indices,)  # the schema's default is True
     torch.ops.optembed.sparse_row_update(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2,
-                                         weight_decay, step)
+                                         weight_decay, step, *extra)
 
 
 def _ops_fn(*args, **kwargs):
@@ -319,3 +320,67 @@ def test_opcheck(kind):
     args = (torch.randn(N, D, generator=gen), torch.tensor([3, 0, 3, 11]), torch.randn(4, D, generator=gen), s1, s2,
             kind, 0.1, 1e-8, 0.9, 0.999, 0.01, 2)
     torch.library.opcheck(torch.ops.optembed.sparse_row_update.default, args)
+
+
+# ----------------------------------------------------------------------------------- ids: checked and unchecked
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_out_of_range_ids_raise_index_error_before_any_write(impl, kind, device):
+    gen = torch.Generator().manual_seed(11)
+    N, D = 10, 4
+    w = torch.randn(N, D, generator=gen).to(device)
+    s1, s2 = _states(kind, N, D, torch.float32, device)
+    rows = torch.randn(6, D, generator=gen).to(device)
+    before = w.clone()
+    for bad_value in (N, -1, 4_000_000_000):
+        idx = torch.tensor([1, 2, bad_value, 3, -7, N + 5], device=device)
+        with pytest.raises(IndexError, match=rf"indices\[2\] = {bad_value} is out of range"):
+            FN[impl](w, idx, rows, s1, s2, optimizer=kind, lr=0.1, step=1)
+        assert torch.equal(w, before)
+    with pytest.raises(IndexError, match="indices"):  # D = 0: the ids are still checked
+        FN[impl](torch.zeros(N, 0, device=device), torch.tensor([0, N], device=device),
+                 torch.zeros(2, 0, device=device), optimizer="sgd", lr=0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_unchecked_out_of_range_ids_update_nothing(impl, kind, device):
+    gen = torch.Generator().manual_seed(12)
+    N, D = 10, 4
+    w = torch.randn(N, D, generator=gen).to(device)
+    s1, s2 = _states(kind, N, D, torch.float32, device, gen)
+    idx = torch.tensor([1, 4_000_000_000, 3, -1, 1, N, -(2 ** 40)])
+    rows = torch.randn(idx.numel(), D, generator=gen).to(device)
+    valid = (idx >= 0) & (idx < N)
+    ew, es1, es2 = expected_update(kind, w, idx[valid], rows[valid.to(device)], s1, s2, 0.1, 1e-8, 0.9, 0.999, 0.01,
+                                   1)
+    FN[impl](w, idx.to(device), rows, s1, s2, optimizer=kind, lr=0.1, weight_decay=0.01, step=1,
+             check_indices=False)
+    torch.testing.assert_close(w.cpu().double(), ew, rtol=1e-5, atol=1e-6)
+    for got, want in ((s1, es1), (s2, es2)):
+        if got is not None:
+            torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    # nothing valid at all: nothing changes
+    before = w.clone()
+    FN[impl](w, torch.tensor([-1, N], device=device), rows[:2], s1, s2, optimizer=kind, lr=0.1, step=1,
+             check_indices=False)
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_width_table(impl, device):
+    w = torch.zeros(5, 0, device=device)
+    FN[impl](w, torch.tensor([0, 4, 4], device=device), torch.zeros(3, 0, device=device), optimizer="sgd", lr=0.1)
+    s1, _ = _states("adagrad", 5, 0, torch.float32, device)
+    FN[impl](w, torch.tensor([1], device=device), torch.zeros(1, 0, device=device), s1, optimizer="adagrad", lr=0.1)
+    assert w.shape == (5, 0)
+
+
+@needs_ext
+def test_first_bad_id_is_reported_whatever_the_threads():
+    M = 50000
+    idx = torch.zeros(M, dtype=torch.long)
+    idx[M // 2 - 1] = 99
+    idx[M // 2:] = -3
+    with pytest.raises(IndexError, match=rf"indices\[{M // 2 - 1}\] = 99 "):
+        _torch_op(torch.zeros(10, 2), idx, torch.zeros(M, 2), optimizer="sgd", lr=1.0)
