@@ -386,6 +386,7 @@ class _ChunkCleaner:
         stats["chunks"] += 1
         bad: dict[int, tuple] = {}
         index = None  # original position of each kept row when some rows were removed
+        padded = []   # positions (in the kept rows) of rows padded with empty values
         if set(map(len, rows)) != {ncols}:
             minc = schema.min_columns or ncols
             kept, index = [], []
@@ -406,7 +407,7 @@ class _ChunkCleaner:
                                   "missing_columns")
                         continue
                     r.extend(repeat("", ncols - n))
-                    stats["padded_rows"] += 1
+                    padded.append(len(kept))
                 else:
                     bad[i] = (None, None, f"expected {ncols} columns, got {n}", "wrong_column_count")
                     continue
@@ -433,6 +434,8 @@ class _ChunkCleaner:
                             bad[oi] = (c, v, errs[(id(memo), v)], kind)
         if bad:
             self._report(stats, bad, lineno0)
+        if padded:  # a padded row that is malformed anyway counts as malformed only
+            stats["padded_rows"] += sum(1 for j in padded if j not in drop)
         if drop:
             rows = [r for i, r in enumerate(rows) if i not in drop]
             if not rows:
