@@ -30,7 +30,8 @@ from torch import nn
 
 from ..nn.plugin import SupernetHook, _copy_table, make_table, regularization
 
-__all__ = ["is_deepctr_model", "DeepCTREmbeddingDict", "replace_embeddings", "SupernetCallback", "table_of"]
+__all__ = ["is_deepctr_model", "DeepCTREmbeddingDict", "replace_embeddings", "SupernetCallback", "table_of",
+           "model_input"]
 
 
 def is_deepctr_model(model) -> bool:
@@ -91,6 +92,21 @@ class DeepCTREmbeddingDict(nn.Module):
         ids = X[:, self.columns].long()
         self.last_batch_size = int(X.shape[0])
         return self.table(ids)
+
+
+def model_input(model, x) -> torch.Tensor:
+    """DeepCTR-Torch's input: a dict of feature arrays (or a list in ``feature_index`` order) -> the float
+    ``(B, columns)`` tensor that ``model.forward`` takes (what ``model.predict`` builds), e.g. for
+    :func:`optembed_ext.nn.search_dims`."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        x = [x[name] for name in model.feature_index]
+    cols = []
+    for v in x:
+        v = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+        cols.append(v[:, None] if v.ndim == 1 else v)
+    return torch.from_numpy(np.concatenate(cols, axis=-1).astype(np.float32))
 
 
 def table_of(model) -> nn.Module:
@@ -172,7 +188,7 @@ def replace_embeddings(model, method="optembed", *, embed_dim: int | None = None
     def get_regularization_loss():
         total = orig_reg()
         if model.training and new.last_batch_size:
-            total = total + regularization(table, loss_reduction="sum", batch_size=new.last_batch_size)
+            total = total + regularization(new.table, loss_reduction="sum", batch_size=new.last_batch_size)
         return total
 
     model.input_from_feature_columns = input_from_feature_columns
