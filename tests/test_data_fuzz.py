@@ -75,11 +75,15 @@ def sample(kind: str) -> bytes:
         lines = [ML_HEADER] + [f'{i % 7},{i % 5},{1 + i % 5},{97800000 + i},"Movie, The ({1990 + i % 9})",'
                                f'Drama|Comedy,{"MF"[i % 2]},{18 + i % 30},{i % 20},{10000 + i}' for i in range(80)]
         return ("\n".join(lines) + "\n").encode()
+    if kind == "kdd12":
+        return "".join(f"{i % 3 // 2}\t{1 + i % 4}\t{i % 9}\t{i % 11}\t{i % 5}\t{1 + i % 3}\t{1 + i % 2}\t{i % 13}\t"
+                       f"{i % 17}\t{i % 19}\t{i % 23}\t{i % 29}\n" for i in range(80)).encode()
     raise KeyError(kind)
 
 
 FORMATS = {"criteo_csv": ("criteo", "train.csv"), "criteo_tsv": ("criteo", "train.txt"),
-           "avazu": ("avazu", "train.csv"), "movielens": ("movielens1m", "ratings.csv")}
+           "avazu": ("avazu", "train.csv"), "movielens": ("movielens1m", "ratings.csv"),
+           "kdd12": ("kdd12", "training.txt")}
 
 INSERTS = [b'"', b'""', b"\t", b",", b"\n", b"\r", b"\r\n", b"\x00", b"\xff", b"::", b"|", b" ", b"\n\n", b'",']
 EDIT = st.one_of(

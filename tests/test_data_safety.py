@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,6 +451,69 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
     left = sorted(p.name for p in cache.iterdir())
     assert left == sorted([live.name, other_host.name, res.cache_path.name])
     assert [e.status for e in list_caches(cache) if e.path == live] == ["building"]
+
+
+def test_concurrent_preprocessing_without_file_locks(tmp_path, monkeypatch):
+    """Where flock is unavailable the atomic rename alone must tolerate a concurrent winner."""
+    import contextlib
+
+    monkeypatch.setattr(cache_mod, "cache_lock", lambda *a, **k: contextlib.nullcontext(False))
+    path = criteo_csv(tmp_path / "train.csv", n=300, seed=6)
+    expected = preprocess("criteo", path, min_count=2, progress=False)
+    for trial in range(2):
+        cache = tmp_path / f"cache{trial}"
+        out = _run_concurrently(path, cache, 4)  # forked workers inherit the patched module
+        assert [o[3] for o in out] == [None] * 4 and len({o[0] for o in out}) == 1
+        assert all(o[1] == np.asarray(expected.X).tobytes() for o in out)
+        assert [p.name for p in cache.iterdir()] == [Path(out[0][0]).name]
+
+
+_KILLED_CHILD = """
+import sys, time
+from optembed_ext.data import _stream, preprocess
+encode = _stream.encode_table
+def slow(*args, **kwargs):
+    table = encode(*args, **kwargs)
+    print("encoded", flush=True)
+    time.sleep(120)
+    return table
+_stream.encode_table = slow
+preprocess("criteo", sys.argv[1], sys.argv[2], min_count=1, progress=False)
+"""
+
+
+def test_kill_9_during_preprocessing_leaves_nothing_that_blocks_or_stays(tmp_path):
+    import signal
+
+    path = criteo_csv(tmp_path / "train.csv", n=50)
+    cache = tmp_path / "cache"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(path), str(cache)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "encoded"
+        [tmp] = [p for p in cache.iterdir() if ".tmp-" in p.name]
+        [lock] = [p for p in cache.iterdir() if p.name.endswith(".lock")]
+        with cache_mod.cache_lock(lock, blocking=False) as held:
+            assert held is False  # the child holds the lock
+        assert [e.status for e in list_caches(cache)] == ["building"]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert tmp.is_dir() and lock.exists()  # what kill -9 leaves behind ...
+    assert [e.status for e in list_caches(cache)] == ["orphaned"]
+    res = preprocess("criteo", path, cache, min_count=1, progress=False)  # ... does not block the next run
+    assert not res.from_cache
+    assert [p.name for p in cache.iterdir()] == [res.cache_path.name]  # and is removed by it
+
+
+def test_cache_of_an_older_format_is_listed_stale(built_cache):
+    _, cache, res = built_cache
+    meta = json.loads((res.cache_path / "meta.json").read_text())
+    del meta["checksums"]
+    meta["params"]["format_version"] = 1
+    (res.cache_path / "meta.json").write_text(json.dumps(meta))
+    [entry] = list_caches(cache)
+    assert entry.status == "stale" and "another version" in entry.reason
 
 
 def test_lock_waits_for_the_holder(tmp_path):

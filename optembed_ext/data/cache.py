@@ -58,6 +58,7 @@ logger = logging.getLogger("optembed_ext.data")
 __all__ = ["CacheEntry", "list_caches", "clean_caches", "verify_cache", "file_fingerprint", "fingerprint_key",
            "cache_lock", "clean_stale_temporaries", "CACHE_STATUSES"]
 
+CACHE_FORMAT_VERSION = 2         # bumped whenever the encoding or the cache layout changes
 FULL_HASH_BYTES = 64 << 20       # raw files up to this size are hashed in full
 SAMPLE_BLOCK = 1 << 20
 SAMPLE_BLOCKS = 16
@@ -71,6 +72,10 @@ CACHE_STATUSES = ("valid", "stale", "corrupt", "building", "orphaned")
 _NAME_RE = re.compile(r"^([a-z0-9]+)-([0-9a-f]{16})$")
 _TEMP_RE = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)-(\d+)(?:\.(.+))?$")
 _LOCK_RE = re.compile(r"^\.(.+)\.lock$")
+
+
+class OutdatedCacheError(CacheError):
+    """A cache folder written by another version of the preprocessing (listed as ``stale``)."""
 
 
 def _host() -> str:
@@ -210,7 +215,7 @@ def _check_ranges(X: np.ndarray, y: np.ndarray, fmap: FeatureMap, full: bool, rn
             raise CacheError(f"y.npy row {a + r} holds label {float(yb[r])!r}, not 0 or 1")
 
 
-def verify_cache(folder, *, full: bool | None = None, format_version: int | None = None):
+def verify_cache(folder, *, full: bool | None = None, format_version: int | None = CACHE_FORMAT_VERSION):
     """Check a cache folder; return ``(feature_map, meta, X, y)`` (arrays memory-mapped read-only).
 
     ``full=None``: full checks when the arrays hold at most :data:`FULL_VERIFY_BYTES` bytes, else
@@ -221,11 +226,13 @@ def verify_cache(folder, *, full: bool | None = None, format_version: int | None
         raise CacheError(f"{folder} is not a cache folder")
     meta = _read_meta(folder)
     if format_version is not None and meta.get("params", {}).get("format_version") != format_version:
-        raise CacheError(f"{folder} was written by another version of the preprocessing "
+        raise OutdatedCacheError(f"{folder} was written by another version of the preprocessing "
                          f"(format {meta.get('params', {}).get('format_version')}, expected {format_version})")
     sums = meta.get("checksums")
-    if not isinstance(sums, dict) or any(k not in sums for k in CACHE_FILES):
-        raise CacheError(f"{folder}: meta.json holds no checksums (written by an older version)")
+    if not isinstance(sums, dict):
+        raise OutdatedCacheError(f"{folder}: meta.json holds no checksums (written by an older version)")
+    if any(k not in sums for k in CACHE_FILES):
+        raise CacheError(f"{folder}: meta.json lacks the checksums of {[k for k in CACHE_FILES if k not in sums]}")
     try:
         for name in ("feature_map.json", "vocab.json"):
             if _file_digest(folder / name) != sums[name]:
@@ -388,14 +395,16 @@ def clean_stale_temporaries(cache_dir, *, temporaries: bool = True, locks: bool 
     return removed
 
 
-def install_folder(tmp: Path, final: Path) -> bool:
-    """Rename the complete folder ``tmp`` to ``final``, replacing a previous one.
+def install_folder(tmp: Path, final: Path, replace: bool = True) -> bool:
+    """Rename the complete folder ``tmp`` to ``final``.
 
-    Returns ``False`` (and removes ``tmp``) when another process installed ``final`` concurrently
-    between our removal of the old folder and our rename (only possible without a lock).
+    ``replace=True``: a previous ``final`` (corrupt, or rebuilt on purpose) is renamed aside and
+    removed. ``replace=False``: a ``final`` that exists already -- installed by a concurrent process,
+    which only happens without a lock -- wins. Returns ``False`` (and removes ``tmp``) when another
+    process's folder was kept.
     """
     old = None
-    if final.exists():
+    if replace and final.exists():
         old = final.parent / temp_name(final.name, "old")
         try:
             os.rename(final, old)
@@ -493,7 +502,7 @@ def _entry(p: Path, full: bool | None) -> CacheEntry | None:
         reason = str(e)
         if reason.startswith(f"{p}: "):
             reason = reason[len(str(p)) + 2:]
-        return CacheEntry(p, dataset, "corrupt", reason, size)
+        return CacheEntry(p, dataset, "stale" if isinstance(e, OutdatedCacheError) else "corrupt", reason, size)
     params = meta.get("params", {})
     entry = CacheEntry(p, params.get("dataset", dataset), "valid", "", size, int(X.shape[0]), meta.get("created"),
                        [fp.get("path") for fp in meta.get("files", [])], params)

@@ -40,7 +40,7 @@ logger = logging.getLogger("optembed_ext.data")
 __all__ = ["DATASETS", "DEFAULT_MIN_COUNT", "PreprocessResult", "preprocess", "load_dataset", "load_vocab",
            "canonical_name"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = _cache.CACHE_FORMAT_VERSION
 DATASETS = ("criteo", "avazu", "kdd12", "movielens1m", "movielens100k", "synthetic")
 DEFAULT_MIN_COUNT = {"criteo": 10, "avazu": 10, "kdd12": 10, "movielens1m": 2, "movielens100k": 2}
 _ALIASES = {
@@ -183,7 +183,8 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
 def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait) -> PreprocessResult:
     cache_dir = final.parent
     with _cache.cache_lock(cache_dir / f".{final.name}.lock", wait_message=wait):
-        if final.is_dir() and not force:
+        replace = final.is_dir()
+        if replace and not force:
             try:
                 return _load_cached(name, final, params)
             except CacheError as e:
@@ -199,7 +200,7 @@ def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait)
                     "rows": int(table.stats["rows_kept"]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "checksums": _cache.compute_checksums(tmp)}
             (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1))
-            won = _cache.install_folder(tmp, final)
+            won = _cache.install_folder(tmp, final, replace=replace)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
