@@ -26,7 +26,8 @@ pip=("$venv/bin/python" -m pip)
 
 echo "[setup] installing $torch_spec and the build/test tools"
 "${pip[@]}" install -q "$torch_spec" numpy pybind11 "scikit-build-core>=0.10" ninja cmake
-"${pip[@]}" install -q pyyaml scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis expecttest
+"${pip[@]}" install -q pyyaml scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis expecttest \
+  deepctr-torch==0.3.0 torchfm==0.7.0
 
 # nvcc is often installed without being on PATH; point the build at the usual CUDA root.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
