@@ -13,6 +13,16 @@
 //   grad_t[f]     -= s * H(x)
 //   grad_oov[f,j] += (1 - m) * g[b,f,j] * [j<k]
 //
+// Non-finite values (same in the CUDA kernel and optembed_ext/reference.py): IEEE arithmetic on these formulas with
+// m = step(x) = NaN and H(NaN) = NaN for a NaN x (NaN in the row, NaN threshold when unchecked, inf - inf): out is
+// NaN on [0, k), the row's whole gradient, grad_t[f] and grad_oov[f, :k] are NaN. x = +-inf (threshold -+inf, or
+// an inf norm) is a plain keep / prune with H = 0: no STE term at all (never 0 * inf). [j<k] is structural: the
+// positions j >= k are exact zeros and receive nothing.
+// check_indices=True: a NaN threshold (ValueError), the first out-of-range index (IndexError), then the first dims
+// value outside [0, D] (ValueError) are raised, in that order, when there is at least one lookup. check_indices=False
+// checks nothing: an out-of-range index yields a zero row and norm 0 and never touches the table, dims are clamped.
+// The backward clamps dims and checks the indices (IndexError naming the first bad one; it never writes outside).
+//
 // CPU design
 //   forward   one pass, parallel over the B*F lookups (at::parallel_for): each lookup reads its table row once,
 //             computes the norm, compares, writes its output row once (masked / blended / zero-padded) and its

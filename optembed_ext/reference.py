@@ -27,13 +27,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_index_range(indices: torch.Tensor, n: int, name: str) -> None:
+    """IndexError naming the first entry (row-major) of ``indices`` outside ``[0, n)``, worded as the kernels."""
     if indices.numel() == 0:
         return
     bad = (indices < 0) | (indices >= n)
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
-        raise IndexError(f"{name}{list(pos)} = {int(indices[pos])} is out of range for {n} rows "
-                         f"(valid ids are 0 <= id < {n})")
+        where = ", ".join(str(i) for i in pos)
+        value = int(indices[pos])
+        if name == "field_of_row":
+            raise IndexError(f"row_mask: field_of_row[{where}] = {value} is out of range for threshold with "
+                             f"F = {n} fields")
+        raise IndexError(f"{name}[{where}] = {value} is out of range for weight with N = {n} rows "
+                         f"(valid ids are 0 <= id < N)")
 
 
 def _check_threshold_not_nan(threshold: torch.Tensor, op: str) -> None:
