@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import require_file
-from optembed_ext.data import (CacheError, DataError, DataFileNotFoundError, DataFormatError, MalformedRowError,
-                               clean_caches, list_caches, load_vocab, preprocess, verify_cache)
+from optembed_ext.data import (CacheError, DataError, DataFileNotFoundError, DataFormatError, DataUsageError,
+                               MalformedRowError, clean_caches, list_caches, load_vocab, preprocess, verify_cache)
 from optembed_ext.data import cache as cache_mod
 from test_data import AVAZU_COLUMNS, CRITEO_NAMES, criteo_rows, write_tsv
 
@@ -197,6 +197,12 @@ def test_unusable_movielens_files_fail_with_the_file_named(tmp_path):
     folder = ml100k_folder(tmp_path / "b", data="1,1,5,881250949\n2,2,1,881250950\n")
     with pytest.raises(DataFormatError, match=r"u\.data: no usable rows \(2 lines read.*comma-separated.*tab"):
         preprocess("movielens100k", folder, tmp_path / "cache", progress=False)
+    folder = ml100k_folder(tmp_path / "d", data="1\t1\t5\t1\r2\t2\t1\t2\r")
+    with pytest.raises(DataFormatError, match=r"u\.data: no usable rows \(1 lines read.*CR-only line ends"):
+        preprocess("movielens100k", folder, tmp_path / "cache", progress=False)
+    folder = ml100k_folder(tmp_path / "e", users="1|24|M|technician|85711\r2|53|F|other|94043\r")
+    with pytest.raises(DataFormatError, match=r"u\.user: no usable rows \(1 lines read.*CR-only line ends"):
+        preprocess("movielens100k", folder, tmp_path / "cache", progress=False)
     folder = ml100k_folder(tmp_path / "c", data="1\t1\t3\t1\n")  # every rating a 3: all filtered
     with pytest.raises(DataFormatError, match=r"1 filtered, 0 usable.*filtered out"):
         preprocess("movielens100k", folder, tmp_path / "cache", progress=False)
@@ -214,6 +220,10 @@ def test_missing_side_files_are_named(tmp_path):
     with pytest.raises(DataFileNotFoundError, match=r"users\.dat is missing") as err:
         preprocess("movielens1m", tmp_path / "c", progress=False)
     assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, DataError)
+    with pytest.raises(DataUsageError, match="data_dir is required"):
+        preprocess("criteo", None, progress=False)
+    with pytest.raises(DataUsageError, match="unknown dataset name"):
+        preprocess("critteo", tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])

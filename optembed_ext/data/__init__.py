@@ -11,14 +11,14 @@ Public API::
     batches(split, batch_size, *, shuffle=False, seed=0, epoch=0, drop_last=False)
 
     list_caches(root) -> [CacheEntry]; clean_caches(root, statuses=..., datasets=None, dry_run=False)
-    DataError, DataFormatError, MalformedRowError, DataFileNotFoundError, CacheError   # errors.py
+    DataError, DataFormatError, MalformedRowError, DataFileNotFoundError, DataUsageError, CacheError  # errors.py
 
 Field lists and preprocessing rules of each dataset: see ``optembed_ext.data.formats``; the cache:
 ``optembed_ext.data.cache``; the error types: ``optembed_ext.data.errors``.
 """
 from .batching import batches, make_splits, split_indices
 from .cache import CacheEntry, clean_caches, list_caches, verify_cache
-from .errors import CacheError, DataError, DataFileNotFoundError, DataFormatError, MalformedRowError
+from .errors import CacheError, DataError, DataFileNotFoundError, DataFormatError, DataUsageError, MalformedRowError
 from .loaders import DATASETS, DEFAULT_MIN_COUNT, PreprocessResult, canonical_name, load_dataset, load_vocab, preprocess
 from .synthetic import make_synthetic
 from .types import CTRDataset, CTRSplit, FeatureMap
@@ -28,5 +28,5 @@ __all__ = [
     "load_dataset", "preprocess", "PreprocessResult", "load_vocab", "canonical_name", "DATASETS",
     "DEFAULT_MIN_COUNT", "make_synthetic", "batches", "make_splits", "split_indices",
     "CacheEntry", "list_caches", "clean_caches", "verify_cache",
-    "DataError", "DataFormatError", "MalformedRowError", "DataFileNotFoundError", "CacheError",
+    "DataError", "DataFormatError", "MalformedRowError", "DataFileNotFoundError", "DataUsageError", "CacheError",
 ]

@@ -243,6 +243,19 @@ def read_first_line(path, encoding: str = "utf-8") -> str:
     return b.decode(encoding, errors="surrogateescape").rstrip("\r\n")
 
 
+def cr_only_hint(path) -> str:
+    """``"; ... CR-only line ends ..."`` when the file's first 64 KiB hold a ``\r`` but no ``\n``, else ``""``."""
+    try:
+        with open_raw(path) as (_, f, _):
+            head = f.read(1 << 16)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError, DataFormatError):
+        return ""
+    if b"\n" not in head and b"\r" in head.rstrip(b"\r"):
+        return (f"; the file uses CR-only line ends (old Mac style), convert them first, e.g. "
+                f"tr '\\r' '\\n' < {Path(path).name} > fixed.txt")
+    return ""
+
+
 def count_physical_lines(path) -> int:
     """Physical lines of a (decompressed) raw file, as counted by the loaders: ``\n`` ends a line and a
     non-empty last line without one counts too."""
@@ -501,7 +514,9 @@ def unusable_message(schema: TableSchema, source: RawSource, stats: dict[str, An
             col = f", column {ex['column']}" if ex.get("column") else ""
             what += f"; first: line {ex['line']}{col}: {ex['reason']}"
         if stats["malformed_by_reason"].get("wrong_column_count"):
-            what += _delimiter_hint(schema, source)
+            hint = cr_only_hint(path) or _delimiter_hint(schema, source)
+            what += hint or (f"; check that this is a {schema.dataset} file with {schema.num_columns} "
+                             f"{_DELIMITER_NAMES.get(source.delimiter, repr(source.delimiter))}-separated columns")
     elif stats["filtered"]:
         what = " (every row was filtered out by the label rule)"
     return f"{path}: no usable rows ({counts}){what}; nothing was cached"

@@ -12,13 +12,16 @@ outside that family coming out of ``preprocess``/``load_dataset`` are bugs.
   ``file``, ``line`` (1-based, counting a header line), ``column`` (1-based or ``None``) and
   ``reason`` name it.
 * :class:`DataFileNotFoundError` (also a ``FileNotFoundError``): a raw file is missing.
+* :class:`DataUsageError` (also a ``ValueError``): the arguments name no usable data (an unknown
+  dataset name, no ``data_dir``).
 * :class:`CacheError` (also a ``ValueError``): a cache folder is corrupt or unusable.
 """
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DataError", "DataFormatError", "MalformedRowError", "DataFileNotFoundError", "CacheError"]
+__all__ = ["DataError", "DataFormatError", "MalformedRowError", "DataFileNotFoundError", "DataUsageError",
+           "CacheError"]
 
 
 class DataError(Exception):
@@ -47,6 +50,10 @@ class MalformedRowError(DataFormatError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A raw data file or folder does not exist."""
+
+
+class DataUsageError(DataError, ValueError):
+    """The arguments name no usable data: an unknown dataset name, a missing ``data_dir``."""
 
 
 class CacheError(DataError, ValueError):

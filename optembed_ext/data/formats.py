@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._stream import (_DECOMPRESS_ERRORS, FieldSpec, RawSource, TableSchema, _decompress_failed, open_raw,
-                      read_first_line)
-from .errors import DataFileNotFoundError, DataFormatError
+from ._stream import (_DECOMPRESS_ERRORS, FieldSpec, RawSource, TableSchema, _decompress_failed, cr_only_hint,
+                      open_raw, read_first_line)
+from .errors import DataFileNotFoundError, DataFormatError, DataUsageError
 
 __all__ = ["Plan", "PLANNERS", "criteo_int_token"]
 
@@ -72,7 +72,8 @@ def _first_line(path: Path, encoding: str = "utf-8") -> str:
 
 def _resolve(path, candidates: tuple[str, ...], what: str) -> Path:
     if path is None:
-        raise ValueError(f"data_dir is required to load {what}")
+        raise DataUsageError(f"data_dir is required to load {what}: pass the folder holding the raw files "
+                             "(or the file itself)")
     p = Path(path).expanduser()
     if p.is_file():
         return p
@@ -347,7 +348,8 @@ class _SideFiles:
             first_issue = next((x for x in self.issues if x["file"] == str(path)), None)
             if first_issue is not None:
                 what += f"; first: line {first_issue['line']}: {first_issue['reason']}"
-            raise DataFormatError(f"{path}: no usable rows ({what}); each line must be {layout}", file=path)
+            raise DataFormatError(f"{path}: no usable rows ({what}); each line must be {layout}"
+                                  f"{cr_only_hint(path)}", file=path)
         return out
 
     def plan(self, schema: TableSchema, source: RawSource, files: list[Path], options: dict) -> "Plan":

@@ -31,7 +31,7 @@ import numpy as np
 from . import _stream
 from . import cache as _cache
 from .batching import make_splits
-from .errors import CacheError, MalformedRowError
+from .errors import CacheError, DataUsageError, MalformedRowError
 from .formats import PLANNERS
 from .types import CTRDataset, FeatureMap, _jsonable
 
@@ -53,11 +53,11 @@ _ALIASES = {
 def canonical_name(name: str) -> str:
     """Canonical dataset name (accepts a few aliases such as ``ml-1m``); ``ValueError`` if unknown."""
     if not isinstance(name, str):
-        raise ValueError(f"name must be a dataset name string, got {name!r}")
+        raise DataUsageError(f"name must be a dataset name string, got {name!r}")
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset name {name!r}; expected one of {list(DATASETS)}")
+        raise DataUsageError(f"unknown dataset name {name!r}; expected one of {list(DATASETS)}")
     return key
 
 
