@@ -111,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(level, int):
         parser.error(f"--log-level must be a logging level name, got {args.log_level!r}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    from ..data.errors import DataError
+    from ..train.checkpoint import RunFolderError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, RunFolderError) as err:  # a user mistake: one line naming the file and what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

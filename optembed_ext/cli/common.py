@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from ..train.config import TrainConfig, append_log, make_run_dir, save_yaml
+from ..train.checkpoint import check_fingerprint
+from ..train.config import TrainConfig, append_log, clear_run_dir, make_run_dir, save_yaml
 
 _TRAIN_DEFAULTS = TrainConfig()
 
@@ -168,13 +169,42 @@ def load_data_from_args(args: argparse.Namespace, progress: bool | None = None):
     return load_dataset(args.dataset, args.data_dir, **kwargs)
 
 
-def start_run(args: argparse.Namespace, command: str) -> Path:
-    """Create the run folder and write ``config.yaml`` (the merged options)."""
+#: options that do not change a run's results: a rerun may change them and still resume
+NEUTRAL_OPTIONS = frozenset({"out", "progress", "resume", "config", "log-level", "cache-dir", "checkpoint-every",
+                             "device", "eval-batch-size"})
+
+
+def open_run_dir(out, name: str, command: str, options: dict, *, resume: bool = True,
+                 neutral: frozenset = frozenset()) -> Path:
+    """The run folder for ``command``: a new one, or ``out``. With ``resume`` an existing folder is continued
+    only when it was made with the same result-affecting ``options`` (its ``fingerprint.json``); otherwise a
+    :class:`~optembed_ext.train.checkpoint.RunFolderError` names the differing options. Without ``resume`` the
+    folder is emptied and started over."""
+    run_dir = make_run_dir(out, name=name)
+    if not resume:
+        clear_run_dir(run_dir)
+    skip = NEUTRAL_OPTIONS | set(neutral)
+    check_fingerprint(run_dir, {"command": command,
+                                "options": {k.replace("_", "-"): v for k, v in options.items()
+                                            if k.replace("_", "-") not in skip}},
+                      what=f"'{command}' run")
+    return run_dir
+
+
+def start_run(args: argparse.Namespace, command: str, *, neutral=(), resumable: bool = True) -> Path:
+    """Create (or resume) the run folder and write ``config.yaml`` (the merged options). ``neutral``: options
+    besides :data:`NEUTRAL_OPTIONS` that a resumed run may change; ``resumable=False`` for a command whose folder
+    holds only its record (``preprocess``)."""
     name = f"{command}-{getattr(args, 'dataset', None) or 'run'}"
     if getattr(args, "model", None):
         name += f"-{args.model}"
-    run_dir = make_run_dir(getattr(args, "out", None), name=name)
-    save_yaml(run_dir / "config.yaml", {"command": command, **args_to_config(args)})
+    options = args_to_config(args)
+    if resumable:
+        run_dir = open_run_dir(getattr(args, "out", None), name, command, options,
+                               resume=bool(getattr(args, "resume", True)), neutral=frozenset(neutral))
+    else:
+        run_dir = make_run_dir(getattr(args, "out", None), name=name)
+    save_yaml(run_dir / "config.yaml", {"command": command, **options})
     argv = getattr(args, "_argv", None)
     if argv is None:
         argv = sys.argv[1:]

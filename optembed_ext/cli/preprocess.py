@@ -10,7 +10,7 @@ from .common import add_data_arguments, add_out_argument, dataset_summary, load_
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     require(args, "dataset")
-    run_dir = start_run(args, "preprocess")
+    run_dir = start_run(args, "preprocess", resumable=False)
     start = time.perf_counter()
     data = load_data_from_args(args)
     seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ from .common import _field_type as _dataclass_field_type
 
 #: options of ``search`` that are not OptEmbedConfig fields (YAML key -> default)
 DATA_OPTIONS = {"dataset": None, "data_dir": None, "cache_dir": None, "model": "deepfm", "out": None,
-                "dataset_kwargs": None, "max_rows": None, "min_count": None, "data_seed": None}
+                "dataset_kwargs": None, "max_rows": None, "min_count": None, "data_seed": None, "resume": True}
 
 
 def _field_type(f: dataclasses.Field):
@@ -53,6 +53,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                    help="YAML mapping of extra load_dataset arguments, e.g. '{num_fields: 39}'")
     p.add_argument("--model", default=sup, help="backbone: fm, deepfm, dcn, fnn, ipnn, wd, autoint")
     p.add_argument("--out", default=sup, help="run folder (default runs/optembed-<model>-<time>); rerun to resume")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=sup,
+                   help="continue the run in --out (default; refused when its settings differ); --no-resume "
+                        "starts it over")
     p.add_argument("--ablations", action="store_const", const=True, default=sup,
                    help="also run OptEmbed-E (rows only) and OptEmbed-D (dims only)")
     for f in dataclasses.fields(OptEmbedConfig):
@@ -94,15 +97,20 @@ def load_data(opts: dict):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..search.optembed import run_optembed
-    from ..train.config import make_run_dir, save_yaml
+    from ..search.optembed import OptEmbedRun, run_optembed
+    from ..train.config import save_yaml
+    from .common import open_run_dir
 
-    opts, config = resolve_options(args)
-    out = make_run_dir(opts["out"], name=f"optembed-{opts['model']}")
-    save_yaml(out / "config.yaml", {**{k: v for k, v in opts.items() if v is not None}, "out": str(out),
-                                    **config.to_dict()})
+    try:
+        opts, config = resolve_options(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    options = {**{k: v for k, v in opts.items() if v is not None}, **config.to_dict()}
+    out = open_run_dir(opts["out"], f"optembed-{opts['model']}", "search", options, resume=bool(opts["resume"]),
+                       neutral=frozenset(f.replace("_", "-") for f in OptEmbedRun.NEUTRAL_FIELDS))
+    save_yaml(out / "config.yaml", {**options, "out": str(out)})
     data = load_data(opts)
-    result = run_optembed(data, opts["model"], config, out, log=print)
+    result = run_optembed(data, opts["model"], config, out, log=print, resume=bool(opts["resume"]))
     print(Path(result["report"]).read_text())
     print(f"run folder: {out}")
     return 0

@@ -23,12 +23,15 @@ pass over the test split at ``eval_batch_size``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..results import RESULT_COLUMNS, num_or_nan as _num, read_method_folder
+from ..train.checkpoint import RunFolderError, check_fingerprint, fingerprint_diff
 from ..train.config import TrainConfig, load_yaml_config, save_json, save_yaml
 from .base import get_method, method_names
 from .common import RunSettings
@@ -92,7 +95,7 @@ class CompareConfig:
     optembed: dict = field(default_factory=dict)
     uniform: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # {method: {...}} for registered methods without a field above
-    force: bool = False                            # rerun methods whose run folder is complete
+    force: bool = False                            # rerun every method from scratch (its folder is replaced)
 
     def __post_init__(self):
         from ..models import MODELS
@@ -186,6 +189,19 @@ class CompareConfig:
         """What every method shares: embedding size, training settings, backbone options."""
         return RunSettings(embed_dim=self.embed_dim, train=self.train_config(), model_cfg=self.model_cfg())
 
+    #: fields that do not change a method's results (a rerun with other values reuses finished method folders)
+    NEUTRAL_FIELDS = ("methods", "models", "datasets", "out", "progress", "force", "device", "eval_batch_size",
+                      "pep", "autodim", "autofield", "qr", "optembed", "uniform", "uniform_dims", "options")
+
+    def fingerprint(self, dataset: str, method: str) -> dict:
+        """What one method folder's results depend on: the dataset, the shared settings and the method's
+        options (as given and as resolved)."""
+        shared = {k: v for k, v in self.to_dict().items() if k not in self.NEUTRAL_FIELDS}
+        return json.loads(json.dumps({"dataset": dataset, "method": method, "shared": shared,
+                                      "options": self.method_options(method),
+                                      "config": dataclasses.asdict(self.build_method(method).config)},
+                                     default=str))
+
     def method_options(self, method: str) -> dict:
         """The option mapping of ``method`` (its field, or its entry in ``options``)."""
         if method in _NESTED:
@@ -271,7 +287,14 @@ def run_compare(config: CompareConfig, out=None) -> list[dict]:
         for model_name in config.models:
             for method in config.methods:
                 mdir = out / ds_name / model_name / method
-                if not config.force and read_method_folder(mdir) is not None:
+                fingerprint = config.fingerprint(ds_name, method)
+                done = None if config.force else read_method_folder(mdir)
+                if done is not None:
+                    diff = fingerprint_diff(done.get("fingerprint") or {}, fingerprint)
+                    if diff:
+                        raise RunFolderError(f"{mdir} holds a {method} run made with other settings "
+                                             f"({'; '.join(diff[:6])}); rerun with --force to replace it, or use "
+                                             f"a new --out folder")
                     log.info("compare: %s/%s/%s already complete, reused", ds_name, model_name, method)
                     continue
                 if data is None:
@@ -281,7 +304,10 @@ def run_compare(config: CompareConfig, out=None) -> list[dict]:
                              data.feature_map.num_fields, data.feature_map.num_features, len(data.train),
                              len(data.val), len(data.test), time.perf_counter() - t0)
                 log.info("compare: running %s on %s/%s", method, ds_name, model_name)
+                if config.force and mdir.is_dir():
+                    shutil.rmtree(mdir)  # --force reruns the method from scratch
                 mdir.mkdir(parents=True, exist_ok=True)
+                check_fingerprint(mdir, fingerprint, what=f"{method} run")  # an interrupted one resumes only alike
                 t0 = time.perf_counter()
                 res = run_method(method, data, model_name, config, run_dir=mdir)
                 rows = []
@@ -289,7 +315,8 @@ def run_compare(config: CompareConfig, out=None) -> list[dict]:
                     rows.append({"dataset": ds_name, "model": model_name, "seed": config.seed, **r})
                 save_json(mdir / "metrics.json", {"complete": True, "dataset": ds_name, "model": model_name,
                                                   "method": method, "rows": rows, "search": res.get("search"),
-                                                  "wall_seconds": time.perf_counter() - t0})
+                                                  "wall_seconds": time.perf_counter() - t0,
+                                                  "fingerprint": fingerprint})
                 for r in rows:
                     log.info("compare: %s %s %s %s auc %.4f logloss %.4f params %s", ds_name, model_name, method,
                              r["variant"], _num(r["auc"]), _num(r["logloss"]), r["num_params"])

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..train.checkpoint import RESUME_HINT, RunFolderError, load_run_file
+
 
 @dataclass
 class EvolutionConfig:
@@ -296,13 +298,15 @@ class EvolutionSearch:
     def _load(self) -> dict | None:
         if self.run_dir is None or not (self.run_dir / self.STATE).exists():
             return None
-        state = torch.load(self.run_dir / self.STATE, weights_only=False)
+        state = load_run_file(self.run_dir / self.STATE, "evolution state")
+        if not isinstance(state, dict):
+            raise RunFolderError(f"evolution state {self.run_dir / self.STATE} is not a mapping; {RESUME_HINT}")
         keys = ("mutation_num", "crossover_num", "keep_num", "m_prob", "top_k", "seed")
         old, new = state.get("config", {}), asdict(self.config)
         if any(old.get(k) != new[k] for k in keys):
             # Only settings that do not change the search trajectory (generations, batch sizes) may change.
-            raise ValueError(f"{self.run_dir / self.STATE} was written with a different evolution config: "
-                             f"{ {k: old.get(k) for k in keys} } vs { {k: new[k] for k in keys} }")
+            raise RunFolderError(f"{self.run_dir / self.STATE} was written with a different evolution config: "
+                                 f"{ {k: old.get(k) for k in keys} } vs { {k: new[k] for k in keys} }; {RESUME_HINT}")
         return state
 
     def run(self, resume: bool = True) -> dict:

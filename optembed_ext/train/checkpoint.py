@@ -1,6 +1,9 @@
-"""Checkpoint files: atomic writes and the random-number-generator states a bit-exact resume needs."""
+"""Checkpoint files: atomic writes, the random-number-generator states a bit-exact resume needs, and the
+fingerprints that keep a resumed run from mixing settings or data with the run it continues."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -24,12 +27,114 @@ def save_checkpoint(path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+class RunFolderError(ValueError):
+    """A run folder cannot be resumed: a file in it is unreadable, or it was made with other settings or data.
+    The message names the file (or the differing settings) and says what to do."""
+
+
+RESUME_HINT = "rerun with --no-resume (or resume=False) to start this run over, or use a new --out folder"
+
+
+def load_run_file(path, what: str, *, map_location="cpu", weights_only: bool = False):
+    """``torch.load`` of a file a run wrote itself; a truncated, empty or foreign file raises
+    :class:`RunFolderError` naming it instead of an unpickling traceback."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001  (pickle, zip and OS errors all mean: unreadable)
+        raise RunFolderError(f"{what} {path} is unreadable ({type(err).__name__}: {err}); {RESUME_HINT}") from err
+
+
+def read_run_json(path, what: str):
+    """A JSON file a run wrote itself; an unreadable one raises :class:`RunFolderError` naming it."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{what} {path} is unreadable ({type(err).__name__}: {err}); {RESUME_HINT}") from err
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (a trusted local file: it holds RNG states)."""
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = load_run_file(path, "checkpoint", map_location=map_location)
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not an optembed_ext checkpoint (version {CHECKPOINT_VERSION})")
+        raise RunFolderError(f"checkpoint {path} is not an optembed_ext checkpoint (version {CHECKPOINT_VERSION}); "
+                             f"{RESUME_HINT}")
     return state
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def _hash_array(h, a) -> None:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(str((a.dtype.str, a.shape)).encode())
+    h.update(a.tobytes())
+
+
+def dataset_fingerprint(data, sample_rows: int = 4096) -> dict:
+    """What identifies a dataset's splits: the feature map, the split sizes, and a hash of each split's first and
+    last ``sample_rows`` rows and labels (a different split seed, row limit or preprocessing changes it)."""
+    out: dict = {}
+    fmap = getattr(data, "feature_map", None)
+    if fmap is not None:
+        out["dataset"] = str(getattr(fmap, "dataset", ""))
+        out["num_fields"] = int(fmap.num_fields)
+        out["num_features"] = int(fmap.num_features)
+        out["cardinalities"] = hashlib.blake2b(json.dumps([int(c) for c in fmap.cardinalities]).encode(),
+                                               digest_size=8).hexdigest()
+    for name in ("train", "val", "test"):
+        split = getattr(data, name, None)
+        if split is None:
+            continue
+        n = len(split)
+        h = hashlib.blake2b(digest_size=12)
+        for part in (slice(0, min(n, sample_rows)), slice(max(0, n - sample_rows), n)):
+            _hash_array(h, split.X[part])
+            _hash_array(h, split.y[part])
+        out[f"{name}_rows"] = int(n)
+        out[f"{name}_hash"] = h.hexdigest()
+    return out
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def fingerprint_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted for nested mappings) whose values differ between two fingerprints."""
+    diff = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diff.append(f"{prefix}{key}: {a!r} in the run folder, {b!r} now")
+    return diff
+
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def check_fingerprint(run_dir, fingerprint: dict, *, what: str = "run") -> None:
+    """Write ``run_dir/fingerprint.json`` on a fresh run; on a rerun raise :class:`RunFolderError` naming every
+    setting that differs from the stored one (a folder is resumed only with the settings that made it)."""
+    path = Path(run_dir) / FINGERPRINT_FILE
+    current = _plain(fingerprint)
+    if path.exists():
+        saved = read_run_json(path, f"{what} fingerprint")
+        diff = fingerprint_diff(saved, current) if isinstance(saved, dict) else ["<not a mapping>"]
+        if diff:
+            shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise RunFolderError(f"{Path(run_dir)} holds a {what} made with other settings ({shown}); {RESUME_HINT}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def get_rng_state() -> dict:

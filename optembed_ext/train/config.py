@@ -133,6 +133,33 @@ def make_run_dir(out=None, name: str = "run", root="runs") -> Path:
     return out
 
 
+#: files and folders a run writes; :func:`clear_run_dir` removes only these
+RUN_FOLDER_MARKERS = ("config.yaml", "log.txt", "metrics.json", "fingerprint.json", "checkpoint.pt")
+
+
+def clear_run_dir(run_dir) -> Path:
+    """Empty a run folder to start it over. Refuses a folder that does not look like a run folder (none of
+    :data:`RUN_FOLDER_MARKERS`), so a mistyped ``--out`` never deletes other files."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return run_dir
+    entries = list(run_dir.iterdir())
+    if entries and not any((run_dir / m).exists() for m in RUN_FOLDER_MARKERS) and \
+            not (run_dir / "phases").is_dir():
+        from .checkpoint import RunFolderError
+
+        raise RunFolderError(f"{run_dir} is not empty and is not a run folder, so it is not emptied; choose "
+                             f"another --out")
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    return run_dir
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:

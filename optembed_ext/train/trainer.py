@@ -28,8 +28,9 @@ from torch import nn
 
 from ..data import batches
 from .callbacks import Callback
-from .checkpoint import CHECKPOINT_NAME, CHECKPOINT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, \
-    seed_everything, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, RESUME_HINT, RunFolderError, dataset_fingerprint,
+                         fingerprint_diff, get_rng_state, load_checkpoint, save_checkpoint, seed_everything,
+                         set_rng_state)
 from .config import TrainConfig, append_log, save_json
 from .metrics import Timer, embedding_stats, log_loss, roc_auc
 from .optimizers import OPTIMIZERS, SPARSE_GRAD_OPTIMIZERS, MultiOptimizer, build_optimizer  # noqa: F401
@@ -212,6 +213,7 @@ class Trainer:
             "result": self.result,
             "val_cursor": (self._val_cycle, self._val_pos),
             "config": self.config.to_dict(),
+            "data": self._data_fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -276,7 +278,7 @@ class Trainer:
                 cb.on_train_begin(self)
             if resuming:
                 state = load_checkpoint(path, map_location=self.device)
-                self._check_resumable(state.get("config", {}))
+                self._check_resumable(state.get("config", {}), state.get("data"))
                 self.load_state_dict(state)
                 self.log(f"resumed from {path} at epoch {self.epoch} step {self.step_in_epoch}")
                 if self.finished:
@@ -292,13 +294,24 @@ class Trainer:
     RESUME_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "optimizer", "momentum", "seed",
                    "max_steps_per_epoch", "grad_clip")
 
-    def _check_resumable(self, saved: dict) -> None:
+    def _data_fingerprint(self) -> dict:
+        if getattr(self, "_data_fp", None) is None:
+            self._data_fp = dataset_fingerprint(self.data)
+        return self._data_fp
+
+    def _check_resumable(self, saved: dict, saved_data: dict | None = None) -> None:
         current = self.config.to_dict()
         diff = [k for k in self.RESUME_KEYS if k in saved and saved[k] != current[k]]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in diff)
-            raise ValueError(f"cannot resume from {self.checkpoint_path}: the training configuration differs "
-                             f"({detail}); use another run_dir or fit(resume=False)")
+            raise RunFolderError(f"cannot resume from {self.checkpoint_path}: the training configuration differs "
+                                 f"({detail}); use another run_dir or fit(resume=False) ({RESUME_HINT})")
+        if saved_data is not None:
+            diff = fingerprint_diff(saved_data, self._data_fingerprint())
+            if diff:
+                raise RunFolderError(f"cannot resume from {self.checkpoint_path}: the data differ from the data it "
+                                     f"was trained on ({'; '.join(diff[:4])}), e.g. another split seed, row limit "
+                                     f"or preprocessing; use another run_dir or fit(resume=False) ({RESUME_HINT})")
 
     def _run_epoch(self) -> None:
         cfg = self.config

@@ -41,6 +41,8 @@ from ...nn.optembed import OptEmbedEmbedding
 from ...results import RESULT_FILE, build_optembed_model as _build_optembed_model
 from ...results import build_retrained_model, load_search_result  # noqa: F401  (re-exported)
 from ...results import read_json, save_search_result, write_json
+from ...train.checkpoint import (RESUME_HINT, RunFolderError, check_fingerprint, dataset_fingerprint,
+                                 load_run_file, read_run_json)
 from ..evolution import EvolutionSearch, measure_speedup
 from .callbacks import OptEmbedSupernetCallback, WallTimeCallback
 from .config import OptEmbedConfig
@@ -97,7 +99,14 @@ def _fit_summary(result: dict) -> dict:
 class OptEmbedRun:
     """Stateful runner behind :func:`run_optembed`; every phase is a method that skips itself when done."""
 
-    def __init__(self, dataset, model_name: str, config: OptEmbedConfig, out_dir, log=None):
+    #: config fields that do not change any phase's result (or only add phases): a rerun may change them
+    NEUTRAL_FIELDS = ("progress", "measure_speedup", "export", "ablations", "baseline", "eval_batch_size",
+                      "evo_batch_size", "max_stack_rows", "device")
+    #: what the pipeline writes into its run folder (removed by ``resume=False``)
+    ARTEFACTS = ("phases", "init_state.pt", "masks.pt", RESULT_FILE, "metrics.json", "field_dims.json",
+                 "kept_rows.json", "compact_model.pt", "compact_model.pt.json", "report.md", "report.png")
+
+    def __init__(self, dataset, model_name: str, config: OptEmbedConfig, out_dir, log=None, resume: bool = True):
         from ...models import MODELS
 
         if model_name not in MODELS:
@@ -110,12 +119,31 @@ class OptEmbedRun:
         self.config = config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.clear()
         (self.out / "phases").mkdir(exist_ok=True)
+        check_fingerprint(self.out / "phases", self.fingerprint(), what="OptEmbed run")
         self._log_file = open(self.out / "log.txt", "a")
         self._user_log = log
         self.device = torch.device(config.device)
 
     # ------------------------------------------------------------------ utilities
+    def fingerprint(self) -> dict:
+        """What the phases' results depend on: backbone, every result-affecting setting, the data's splits."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in self.NEUTRAL_FIELDS}
+        return {"model": self.model_name, "config": config, "data": dataset_fingerprint(self.data)}
+
+    def clear(self) -> None:
+        """Remove every artefact of an earlier run in this folder (``resume=False``)."""
+        import shutil
+
+        for name in self.ARTEFACTS:
+            p = self.out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
     def log(self, msg: str) -> None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")
         line = f"[{stamp}] {msg}"
@@ -134,7 +162,10 @@ class OptEmbedRun:
 
     def done(self, name: str) -> dict | None:
         path = self.out / "phases" / name / "done.json"
-        return read_json(path) if path.exists() else None
+        info = read_run_json(path, f"phase record of '{name}'") if path.exists() else None
+        if info is not None and not isinstance(info, dict):
+            raise RunFolderError(f"phase record of '{name}' {path} is not a mapping; {RESUME_HINT}")
+        return info
 
     def finish(self, name: str, info: dict) -> dict:
         info = dict(info, phase=name)
@@ -156,7 +187,7 @@ class OptEmbedRun:
             tmp = path.with_name(path.name + ".tmp")
             torch.save(model.state_dict(), tmp)
             tmp.replace(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_run_file(path, "initial weights", weights_only=True)
 
     def _load_init(self, model, fresh_seed: int | None = None) -> None:
         if fresh_seed is not None:
@@ -234,7 +265,7 @@ class OptEmbedRun:
                                   "thresholds": thresholds, "history": cb.history, "seconds": seconds})
 
     def _load_supernet(self, name: str, prune_rows: bool):
-        ckpt = torch.load(self.phase_dir(name) / "supernet.pt", map_location="cpu", weights_only=False)
+        ckpt = load_run_file(self.phase_dir(name) / "supernet.pt", "supernet")
         model = build_optembed_model(self.model_name, self.fmap, self.config, prune_rows=prune_rows)
         model.load_state_dict(ckpt["state_dict"])
         return model.to(self.device), ckpt["row_mask"]
@@ -322,8 +353,7 @@ class OptEmbedRun:
         return self.finish(name, info)
 
     def _row_mask_of(self, supernet: str) -> torch.Tensor:
-        return torch.load(self.phase_dir(supernet) / "supernet.pt", map_location="cpu",
-                          weights_only=False)["row_mask"]
+        return load_run_file(self.phase_dir(supernet) / "supernet.pt", "supernet")["row_mask"]
 
     # ------------------------------------------------------------------ orchestration
     def run(self) -> dict:
@@ -404,24 +434,26 @@ class OptEmbedRun:
 
     def _save_result(self, row_mask, field_dims, metrics: dict) -> None:
         c = self.config
-        state = torch.load(self.phase_dir("retrain") / "model.pt", map_location="cpu", weights_only=True)
+        state = load_run_file(self.phase_dir("retrain") / "model.pt", "retrained model", weights_only=True)
         save_search_result(self.out / RESULT_FILE, row_mask=row_mask, field_dims=field_dims, feature_map=self.fmap,
                            model_name=self.model_name, model_cfg=dict(c.model_cfg), embed_dim=c.embed_dim,
                            norm=c.norm, oov=c.oov, state_dict=state, metrics=metrics)
 
 
 def run_optembed(dataset, model_name: str, config: OptEmbedConfig | dict | None = None, out_dir="runs/optembed",
-                 log=None) -> dict:
+                 log=None, resume: bool = True) -> dict:
     """Run the OptEmbed pipeline on ``dataset`` (a :class:`~optembed_ext.data.CTRDataset`) with backbone
     ``model_name``; resumable in ``out_dir``. Returns the metrics of every variant, the chosen dims per field,
     the kept rows per field, per-phase wall times and the search speedup (also written to ``metrics.json``,
     ``report.md`` and ``report.png`` in ``out_dir``). ``log`` receives each progress line (default: the
-    ``logging`` logger of this module)."""
+    ``logging`` logger of this module). A rerun in the same ``out_dir`` continues it when its settings and data
+    are those it was made with and raises :class:`~optembed_ext.train.checkpoint.RunFolderError` naming the
+    differences otherwise; ``resume=False`` starts it over."""
     if config is None:
         config = OptEmbedConfig()
     elif isinstance(config, dict):
         config = OptEmbedConfig.from_dict(config)
-    runner = OptEmbedRun(dataset, model_name, config, out_dir, log=logger.info if log is None else log)
+    runner = OptEmbedRun(dataset, model_name, config, out_dir, log=logger.info if log is None else log, resume=resume)
     try:
         return runner.run()
     finally:
