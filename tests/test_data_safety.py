@@ -565,3 +565,14 @@ def test_real_samples_are_fully_accounted_and_cached_valid(shared_data, tmp_path
     assert {e.status for e in list_caches(tmp_path / "cache")} == {"valid"}
     with open(shared_data / "samples/criteo_sample.txt", newline="") as f:
         assert next(csv.reader(f)) == CRITEO_NAMES
+
+
+def test_utf8_byte_order_mark_is_not_data(tmp_path):
+    rows = criteo_rows(20, seed=9)
+    base = preprocess("criteo", write_tsv(tmp_path / "train.txt", rows), min_count=1, progress=False)
+    for name, sep, header in (("bom.txt", "\t", None), ("bom.csv", ",", CRITEO_NAMES)):
+        path = write_tsv(tmp_path / name, rows, sep, header)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        res = preprocess("criteo", path, min_count=1, progress=False)
+        assert res.stats["malformed"] == 0 and res.stats["header_lines"] == (1 if header else 0)
+        np.testing.assert_array_equal(res.X, base.X)

@@ -220,6 +220,7 @@ def _decompress_failed(path, kind, e) -> DataFormatError:
 
 
 _FIRST_LINE_LIMIT = 1 << 20
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (files saved by spreadsheet tools) is not part of the data
 
 
 def read_first_line(path, encoding: str = "utf-8") -> str:
@@ -240,6 +241,8 @@ def read_first_line(path, encoding: str = "utf-8") -> str:
         raise DataFormatError(f"{path} uses CR-only line ends (old Mac style): no '\\n' in its first "
                               f"{len(b)} bytes; convert them first, e.g. tr '\\r' '\\n' < {path.name} > fixed.txt",
                               file=path)
+    if b.startswith(_BOM):
+        b = b[len(_BOM):]
     return b.decode(encoding, errors="surrogateescape").rstrip("\r\n")
 
 
@@ -282,13 +285,20 @@ def iter_row_chunks(source: RawSource, chunk_rows: int, max_rows: int | None = N
     """
     path = Path(source.path)
     with open_raw(path) as (raw, f, kind):
+        at_start = [True]
+
         def read_lines(k):
             try:
-                return list(islice(f, k))
+                out = list(islice(f, k))
             except _DECOMPRESS_ERRORS as e:
                 if kind is None:
                     raise
                 raise _decompress_failed(path, kind, e) from None
+            if at_start[0] and out:
+                at_start[0] = False
+                if out[0].startswith(_BOM):
+                    out[0] = out[0][len(_BOM):]
+            return out
 
         lineno = 1
         header = None
