@@ -576,3 +576,18 @@ def test_utf8_byte_order_mark_is_not_data(tmp_path):
         res = preprocess("criteo", path, min_count=1, progress=False)
         assert res.stats["malformed"] == 0 and res.stats["header_lines"] == (1 if header else 0)
         np.testing.assert_array_equal(res.X, base.X)
+
+
+def test_full_disk_while_writing_the_cache_is_named(tmp_path, monkeypatch):
+    import errno
+
+    path = criteo_csv(tmp_path / "train.csv", n=20)
+
+    def no_space(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "X.npy"))
+
+    monkeypatch.setattr(cache_mod, "compute_checksums", no_space)
+    cache = tmp_path / "cache"
+    with pytest.raises(CacheError, match=r"cannot write the cache in .*cache \(No space left on device\)"):
+        preprocess("criteo", path, cache, progress=False)
+    assert not cache.exists()  # the partial folder is gone

@@ -509,8 +509,9 @@ def unusable_message(schema: TableSchema, source: RawSource, stats: dict[str, An
     rows, header = stats["rows_read"], stats.get("header_lines", 0)
     if rows == 0:
         if header:
-            return f"{path}: the file holds only a header line and no data rows; nothing was cached"
-        return f"{path}: the file is empty; nothing was cached"
+            return (f"{path}: the file holds only a header line and no data rows (1 line read); "
+                    "nothing was cached")
+        return f"{path}: the file is empty (0 lines read); nothing was cached"
     counts = (f"{stats['lines']} lines read ({header} header, {rows} data): {stats['malformed']} malformed, "
               f"{stats['blank_lines']} blank, {stats['filtered']} filtered, 0 usable")
     if stats["blank_lines"] == rows:

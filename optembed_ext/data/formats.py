@@ -9,7 +9,8 @@ Each ``plan_<dataset>(path, **options)`` resolves the raw file(s) under ``path``
   are the field's empty token. Accepts the Kaggle/dac ``train.txt`` (tab separated, no header) and
   CSV/TSV variants with a ``label,I1,..,C26`` header (sniffed from the first line). Rows with
   14..39 columns are padded with empty values (trailing empty columns stripped by text tools) and
-  counted in ``stats["padded_rows"]``.
+  counted in ``stats["padded_rows"]``; with ``strict=True`` they are malformed (a truncated line
+  cannot be told from a stripped one). Compression (gzip, bz2, xz) is detected from the content.
 * **avazu** (23 fields): ``hour_of_day`` (``"00".."23"``) and ``weekday`` (``"0"`` = Monday ..
   ``"6"``) derived from ``hour`` (``YYMMDDHH``, never thresholded), then ``C1, banner_pos,
   site_id, site_domain, site_category, app_id, app_domain, app_category, device_id, device_ip,
@@ -30,6 +31,11 @@ Each ``plan_<dataset>(path, **options)`` resolves the raw file(s) under ``path``
   raw value (100K: name; 1M: code). All fields thresholded. Also reads the joined CSV
   ``user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip`` when ``path`` is
   a file. Rows keep the file order (``split="sequential"`` splits by position, not by time).
+  Side files (``u.user``, ``u.item``, ``u.genre``, ``users.dat``, ``movies.dat``): a line with the
+  wrong number of columns or repeating an id is malformed (the first line of an id wins), counted
+  in ``stats["side_malformed"]`` with its line in ``stats["side_malformed_examples"]``, or raised
+  with ``strict=True``; a missing side file raises ``DataFileNotFoundError``, one without a usable
+  line ``DataFormatError``.
 """
 from __future__ import annotations
 

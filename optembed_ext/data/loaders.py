@@ -15,6 +15,7 @@ Errors: bad input raises a :class:`~optembed_ext.data.errors.DataError` subclass
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -164,7 +165,10 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     key = hashlib.sha256(json.dumps({"params": params, "files": key_files}, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir).expanduser()
     created_dir = not cache_dir.exists()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(cache_dir, e) from None
     final = cache_dir / f"{name}-{key}"
     _cache.clean_stale_temporaries(cache_dir)
     wait = f"{name}: waiting for another process that is preprocessing into {final}"
@@ -190,7 +194,10 @@ def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait)
             except CacheError as e:
                 logger.warning("cache %s is corrupt, rebuilding: %s", final, e)
         tmp = cache_dir / _cache.temp_name(final.name)
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise _unwritable(cache_dir, e) from None
         try:
             table = encode(tmp)
             del table.X, table.y  # flushed memory maps; reopened read-only below
@@ -201,6 +208,11 @@ def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait)
                     "checksums": _cache.compute_checksums(tmp)}
             (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1))
             won = _cache.install_folder(tmp, final, replace=replace)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in _WRITE_ERRNOS and not _is_raw_file(e, fingerprints):
+                raise _unwritable(cache_dir, e) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -211,6 +223,18 @@ def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait)
         result = _load_cached(name, final, params, announce=False, full=False)
     result.from_cache = False
     return result
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
+
+
+def _is_raw_file(e: OSError, fingerprints) -> bool:
+    return e.filename is not None and str(Path(e.filename).resolve()) in {fp["path"] for fp in fingerprints}
+
+
+def _unwritable(cache_dir: Path, e: OSError) -> CacheError:
+    return CacheError(f"cannot write the cache in {cache_dir} ({e.strerror or e}); free some space or pass "
+                      "another, writable cache dir")
 
 
 def _side_issues(plan, strict: bool) -> None:
