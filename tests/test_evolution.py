@@ -223,3 +223,29 @@ def test_search_finds_the_best_dim_of_the_only_field_that_matters(data, tmp_path
     tied = [sum(c) for c, a in seen.items() if a == res["best_val_auc"] and c[0] == best_d]
     assert sum(res["best_dims"]) == min(tied)
     assert len(set(tied)) > 1  # the tie-break had something to choose from
+
+
+def test_top_k_memory_draws_parents_from_the_best_of_all_generations(data, tmp_path):
+    """Algorithm 1 of the paper: with top_k_memory the parents of every generation are the best top_k candidates
+    evaluated so far, so the memory never gets worse and always holds the best candidate seen."""
+    with pytest.raises(ValueError, match="top_k_memory needs top_k"):
+        EvolutionConfig(top_k_memory=True)
+    cfg = EvolutionConfig(generations=5, mutation_num=4, crossover_num=4, keep_num=1, m_prob=0.3, top_k=3,
+                          top_k_memory=True, seed=3, eval_batch_size=400)
+    search = EvolutionSearch(_model(data), data.val, cfg, run_dir=tmp_path, log=None)
+    seen = []
+    search.on_generation_end = lambda g, rec: seen.append(
+        [a for _, a, _ in torch.load(tmp_path / EvolutionSearch.STATE, weights_only=False)["memory"]])
+    res = search.run(resume=False)
+    assert [len(m) for m in seen] == [3] * 5
+    for prev, cur in zip(seen, seen[1:]):
+        assert all(c >= p for c, p in zip(cur, prev))  # the k-th best so far can only improve
+    assert seen[-1][0] == res["best_val_auc"]
+    # without the memory the run differs (the parents are the current generation's best only)
+    plain = EvolutionSearch(_model(data), data.val, EvolutionConfig(**{**cfg.__dict__, "top_k_memory": False}),
+                            run_dir=tmp_path / "plain", log=None).run(resume=False)
+    assert plain["history"][0]["best_auc"] == res["history"][0]["best_auc"]  # same first generation
+    # the memory is part of the resumable state: a different setting cannot continue it
+    with pytest.raises(ValueError, match="different evolution config"):
+        EvolutionSearch(_model(data), data.val, EvolutionConfig(**{**cfg.__dict__, "top_k_memory": False}),
+                        run_dir=tmp_path, log=None).run()

@@ -65,7 +65,8 @@ class Method:
         command: subcommand that runs the method alone; ``None`` when it has a command of its own elsewhere
             (OptEmbed's ``optembed search``).
         shared_fields: option fields that duplicate a shared training option (PEP's ``batch_size``); on the
-            command line they are taken from the training options, in ``compare`` from the method mapping.
+            command line they are taken from the training options; in ``compare`` they are the shared settings
+            (the fair default) unless the method mapping sets them.
         train_defaults: defaults of the shared training options for this method's own subcommand.
 
     An instance holds ``config`` (an instance of ``config_class``). Subclasses implement :meth:`run` and, when
@@ -98,9 +99,12 @@ class Method:
     @classmethod
     def from_options(cls, options: dict | None, settings: RunSettings) -> "Method":
         """The method as the comparison harness builds it: ``options`` (the method's mapping in the compare
-        config) over the config defaults. ``settings`` are the shared ones (a method whose configuration repeats
-        shared settings, like OptEmbed's, takes them from there)."""
-        return cls(cls.config_from_dict(options or {}))
+        config) over the config defaults. ``settings`` are the shared ones: the ``shared_fields`` follow them
+        unless ``options`` sets them (a method whose configuration repeats every shared setting, like
+        OptEmbed's, overrides this to take them from there)."""
+        values = {f: None for f in cls.shared_fields}
+        values.update(options or {})
+        return cls(cls.config_from_dict(values))
 
     @classmethod
     def display_name(cls) -> str:

@@ -17,6 +17,7 @@ candidate's dimension mask is applied to it, and the interaction network runs on
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -39,6 +40,7 @@ class EvolutionConfig:
     keep_num: int = 0              # elites copied unchanged into the next generation
     m_prob: float = 0.1            # per-field mutation probability
     top_k: int | None = None       # parents drawn from the best top_k (None: the reference code's selection)
+    top_k_memory: bool = False     # with top_k: the best top_k of every generation so far (the paper's Algorithm 1)
     seed: int = 0
     eval_batch_size: int = 4096    # validation ids per shared embedding lookup
     max_stack_rows: int | None = None  # (candidate, sample) rows per stacked forward; None: by device (below)
@@ -61,6 +63,8 @@ class EvolutionConfig:
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
+        if self.top_k_memory and self.top_k is None:
+            raise ValueError("top_k_memory needs top_k (the size of the memory)")
 
     @property
     def population_size(self) -> int:
@@ -259,7 +263,7 @@ class EvolutionSearch:
     STATE = "evolution_state.pt"
 
     def __init__(self, model, split, config: EvolutionConfig | None = None, run_dir=None, device="cpu",
-                 on_generation_end=None, log=print):
+                 on_generation_end=None, log=logging.getLogger(__name__).info):
         self.model = model
         self.split = split
         self.config = config if config is not None else EvolutionConfig()
@@ -301,8 +305,8 @@ class EvolutionSearch:
         state = load_run_file(self.run_dir / self.STATE, "evolution state")
         if not isinstance(state, dict):
             raise RunFolderError(f"evolution state {self.run_dir / self.STATE} is not a mapping; {RESUME_HINT}")
-        keys = ("mutation_num", "crossover_num", "keep_num", "m_prob", "top_k", "seed")
-        old, new = state.get("config", {}), asdict(self.config)
+        keys = ("mutation_num", "crossover_num", "keep_num", "m_prob", "top_k", "top_k_memory", "seed")
+        old, new = {"top_k_memory": False, **state.get("config", {})}, asdict(self.config)
         if any(old.get(k) != new[k] for k in keys):
             # Only settings that do not change the search trajectory (generations, batch sizes) may change.
             raise RunFolderError(f"{self.run_dir / self.STATE} was written with a different evolution config: "
@@ -343,7 +347,20 @@ class EvolutionSearch:
                       "evaluated": int(n_eval), "seconds": seconds}
             state["history"].append(record)
             state["evaluated"] += n_eval
-            state["population"] = next_generation(population, cfg, self.embed_dim, rng)
+            parents = population
+            if cfg.top_k_memory:
+                # Algorithm 1 of the paper: parents come from the best top_k candidates of all generations so far
+                memory = state.get("memory") or []
+                pool = {tuple(int(v) for v in c): (a, p) for c, a, p in memory}
+                for c, a, p in zip(population, aucs, params):
+                    pool.setdefault(tuple(int(v) for v in c), (float(a), int(p)))
+                cands = np.array(list(pool), dtype=np.int64)
+                pa = [pool[tuple(c)][0] for c in cands.tolist()]
+                pp = [pool[tuple(c)][1] for c in cands.tolist()]
+                keep = rank(pa, pp, cands.sum(axis=1))[:cfg.top_k]
+                state["memory"] = [(cands[i].tolist(), float(pa[i]), int(pp[i])) for i in keep]
+                parents = cands[keep]
+            state["population"] = next_generation(parents, cfg, self.embed_dim, rng)
             state["rng"] = rng.bit_generator.state
             state["generation"] += 1
             state["seconds"] += time.perf_counter() - t0

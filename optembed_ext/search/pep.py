@@ -44,8 +44,9 @@ class PEPConfig:
     gk: float = 1.0
     threshold_lr: float | None = None        # None: the training lr (official)
     target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])
-    weight_decay: float | None = 1e-5        # official; applied to V and s
-    batch_size: int | None = None            # official 1024
+    weight_decay: float | None = 1e-5        # official; applied to V and s (None: the shared training setting)
+    batch_size: int | None = None            # official 1024 (None: the shared training setting)
+    grad_clip: float | None = 100.0          # official gradient-norm clip (None: the shared training setting)
     prune_epochs: int | None = None          # None: the training epochs
     re_init: bool = False                    # False: lottery ticket (initial values of the pruning run)
     retrain: bool = True
@@ -197,7 +198,8 @@ def run_pep(data, model_name: str, embed_dim: int, train_config, config: PEPConf
     run_dir = Path(run_dir) if run_dir is not None else None
     fmap = data.feature_map
     s_init = config.threshold_init if config.threshold_init is not None else default_threshold_init(fmap.dataset)
-    overrides = {"weight_decay": config.weight_decay, "batch_size": config.batch_size}
+    overrides = {"weight_decay": config.weight_decay, "batch_size": config.batch_size,
+                 "grad_clip": config.grad_clip}
     prune_cfg = method_train_config(train_config, epochs=config.prune_epochs, patience=None, **overrides)
     retrain_cfg = method_train_config(train_config, **overrides)
     prune_dir = run_dir / "prune" if run_dir is not None else Path(_tmpdir()) / "prune"
@@ -239,7 +241,9 @@ def run_pep(data, model_name: str, embed_dim: int, train_config, config: PEPConf
         res["train_seconds"] += prune_seconds
         name = variant if t is not None else f"final-sp{saved['sparsity']:.2f}"
         rows.append(make_row("pep", name, res, search_seconds=prune_seconds, target_sparsity=t,
-                             re_init=config.re_init, mask_step=saved.get("step")))
+                             re_init=config.re_init, mask_step=saved.get("step"),
+                             weight_decay=retrain_cfg.weight_decay, batch_size=retrain_cfg.batch_size,
+                             grad_clip=retrain_cfg.grad_clip))
     return {"rows": rows, "search": search}
 
 
@@ -257,16 +261,18 @@ def pep_config_from_dict(values: dict) -> PEPConfig:
 class PEP(Method):
     """PEP (Liu et al., ICLR 2021) on the shared trainer: :func:`run_pep`.
 
-    ``weight_decay`` and ``batch_size`` repeat shared training options: ``optembed pep`` takes them from
-    ``--weight-decay`` / ``--batch-size`` (whose defaults there are the official 1e-5 / 1024)."""
+    ``weight_decay``, ``batch_size`` and ``grad_clip`` repeat shared training options: ``optembed pep`` takes
+    them from ``--weight-decay`` / ``--batch-size`` / ``--grad-clip`` (whose defaults there are the official
+    1e-5 / 1024 / 100); in ``compare`` PEP trains at the shared settings like every other method unless its
+    mapping sets them, and each row states the values it was trained with."""
 
     name = "pep"
     title = "PEP"
     config_class = PEPConfig
     help = "PEP: soft-threshold pruning at several budgets, then (lottery-ticket) retraining"
-    shared_fields = ("weight_decay", "batch_size")
+    shared_fields = ("weight_decay", "batch_size", "grad_clip")
     #: official PEP training defaults (ssui-liu/learnable-embed-sizes-for-RecSys)
-    train_defaults = {"weight_decay": 1e-5, "batch_size": 1024}
+    train_defaults = {"weight_decay": 1e-5, "batch_size": 1024, "grad_clip": 100.0}
 
     def build_embedding(self, feature_map, embed_dim: int) -> PEPEmbedding:
         c = self.config

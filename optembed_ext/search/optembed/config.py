@@ -51,6 +51,7 @@ class OptEmbedConfig:
     keep_num: int = 0
     m_prob: float = 0.1
     top_k: int | None = None
+    top_k_memory: bool = False     # with top_k: parents from the best top_k of all generations (Algorithm 1)
     evo_seed: int = 0
     evo_batch_size: int = 4096
     max_stack_rows: int | None = None
@@ -107,5 +108,6 @@ class OptEmbedConfig:
     def evolution_config(self) -> EvolutionConfig:
         return EvolutionConfig(generations=self.generations, mutation_num=self.mutation_num,
                                crossover_num=self.crossover_num, keep_num=self.keep_num, m_prob=self.m_prob,
-                               top_k=self.top_k, seed=self.evo_seed, eval_batch_size=self.evo_batch_size,
+                               top_k=self.top_k, top_k_memory=self.top_k_memory, seed=self.evo_seed,
+                               eval_batch_size=self.evo_batch_size,
                                max_stack_rows=self.max_stack_rows)
