@@ -591,3 +591,14 @@ def test_full_disk_while_writing_the_cache_is_named(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match=r"cannot write the cache in .*cache \(No space left on device\)"):
         preprocess("criteo", path, cache, progress=False)
     assert not cache.exists()  # the partial folder is gone
+
+
+def test_leading_blank_lines_do_not_change_the_separator(tmp_path):
+    rows = criteo_rows(20, seed=10)
+    base = preprocess("criteo", write_tsv(tmp_path / "train.txt", rows), min_count=1, progress=False)
+    path = tmp_path / "blank_first.txt"
+    path.write_text("\n\n" + (tmp_path / "train.txt").read_text())
+    res = preprocess("criteo", path, min_count=1, progress=False)
+    assert res.stats["blank_lines"] == 2 and res.stats["malformed"] == 0
+    np.testing.assert_array_equal(res.X, base.X)
+    assert_accounted(res.stats, path)

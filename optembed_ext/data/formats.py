@@ -76,6 +76,20 @@ def _first_line(path: Path, encoding: str = "utf-8") -> str:
     return read_first_line(path, encoding)
 
 
+def _first_nonblank_line(path: Path, limit: int = 100) -> str:
+    """The first non-blank line among the first ``limit`` lines (for sniffing a separator), or ``""``."""
+    with open_raw(path) as (_, f, kind):
+        try:
+            for _, b in zip(range(limit), f):
+                if b.strip():
+                    return b.decode("utf-8", errors="surrogateescape")
+        except _DECOMPRESS_ERRORS as e:
+            if kind is None:
+                raise
+            raise _decompress_failed(path, kind, e) from None
+    return ""
+
+
 def _resolve(path, candidates: tuple[str, ...], what: str) -> Path:
     if path is None:
         raise DataUsageError(f"data_dir is required to load {what}: pass the folder holding the raw files "
@@ -148,7 +162,7 @@ def plan_criteo(path, **options) -> Plan:
     _no_options("criteo", options)
     p = _resolve(path, ("train.txt", "dac/train.txt", "train.txt.gz", "train.csv"), "criteo")
     first = _first_line(p)
-    delim = "\t" if "\t" in first else ","
+    delim = "\t" if "\t" in (first if first.strip() else _first_nonblank_line(p)) else ","
     parts = first.split(delim)
     has_header = parts[0].strip().lower() == "label"
     names = ["label"] + CRITEO_INT + CRITEO_CAT
