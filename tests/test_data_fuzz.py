@@ -34,7 +34,7 @@ from optembed_ext.data._stream import detect_compression
 from test_data import AVAZU_COLUMNS, CRITEO_NAMES, criteo_rows
 
 # OPTEMBED_FUZZ_EXAMPLES=2000 for a longer, randomised local run; the default is bounded and reproducible.
-_EXAMPLES = int(os.environ.get("OPTEMBED_FUZZ_EXAMPLES", "60"))
+_EXAMPLES = int(os.environ.get("OPTEMBED_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=_EXAMPLES, deadline=None, derandomize="OPTEMBED_FUZZ_EXAMPLES" not in os.environ,
                 database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

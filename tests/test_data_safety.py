@@ -389,7 +389,7 @@ def test_list_and_clean_caches(tmp_path):
     json.dumps([e.to_dict() for e in entries.values()])
     assert {e.path for e in clean_caches(cache, dry_run=True)} == {rb.cache_path, rc.cache_path, orphan}
     assert len(list_caches(cache)) == 4
-    assert {e.path for e in clean_caches(cache, statuses=("corrupt",))} == {rc.cache_path}
+    assert {e.path for e in clean_caches(cache, statuses="corrupt")} == {rc.cache_path}
     assert {e.path for e in clean_caches(cache)} == {rb.cache_path, orphan}
     assert [e.path for e in list_caches(cache)] == [ra.cache_path]
     assert clean_caches(cache, statuses="all", datasets="avazu") == []

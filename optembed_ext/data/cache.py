@@ -543,6 +543,8 @@ def clean_caches(root, *, statuses=("stale", "corrupt", "orphaned"), datasets=No
     root = Path(root).expanduser()
     if statuses == "all":
         statuses = ("valid", "stale", "corrupt", "orphaned")
+    elif isinstance(statuses, str):
+        statuses = (statuses,)
     statuses = set(statuses)
     bad = statuses - set(CACHE_STATUSES)
     if bad:
