@@ -176,3 +176,30 @@ def test_search_and_compare_example_configs_parse():
         cli._apply_config_file(parser, argv)
         args = parser.parse_args(argv)
         assert args.model in MODELS, path.name
+
+
+def test_paper_configs_resolve():
+    """configs/paper/: one command per cell of the papers' tables; every file parses into its command's settings."""
+    from optembed_ext.cli import search as search_cli
+    from optembed_ext.search.optembed import OptEmbedConfig
+
+    files = sorted((CONFIGS / "paper").glob("*.yaml"))
+    assert len([f for f in files if f.name.startswith("optembed_")]) == 12
+    for path in files:
+        command = path.name.split("_")[0]
+        argv = [{"optembed": "search"}.get(command, command), "--config", str(path)]
+        parser = cli.build_parser()
+        cli._apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
+        values = yaml.safe_load(path.read_text())
+        if command == "optembed":
+            opts, config = search_cli.resolve_options(args)
+            assert isinstance(config, OptEmbedConfig) and opts["min_count"] == 2
+            assert config.threshold_optimizer == "sgd" and config.top_k == 15 and config.top_k_memory
+            assert config.generations == 30 and config.batch_size == 2048 and config.embed_dim == 64
+            assert isinstance(config.lr, float) and config.lr == values["lr"]
+            config.evolution_config()
+        else:
+            assert args.dataset == values["dataset"] and args.batch_size == values["batch-size"]
+            if command == "pep":
+                assert args.grad_clip == 100.0 and args.exact_budget is False

@@ -92,6 +92,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-lr", type=float, default=d.embedding_lr,
                    help="learning rate of the embedding table (default: --lr)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--threshold-optimizer", default=d.threshold_optimizer, choices=("sgd", "adam"),
+                   help="optimizer of learned pruning thresholds (default sgd, as the OptEmbed authors)")
+    g.add_argument("--threshold-lr", type=float, default=d.threshold_lr,
+                   help="learning rate of learned pruning thresholds (default: the module's)")
     g.add_argument("--patience", type=int, default=d.patience,
                    help="epochs without a better validation AUC before stopping")
     g.add_argument("--seed", type=int, default=d.seed)

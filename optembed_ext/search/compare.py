@@ -75,6 +75,7 @@ class CompareConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"
+    threshold_optimizer: str = "sgd"             # learned pruning thresholds (OptEmbed): "sgd" or "adam"
     patience: int | None = 2
     max_steps_per_epoch: int | None = None
     seed: int = 2022
@@ -177,7 +178,8 @@ class CompareConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
                            patience=self.patience, seed=self.seed, device=self.device, progress=self.progress,
-                           max_steps_per_epoch=self.max_steps_per_epoch)
+                           max_steps_per_epoch=self.max_steps_per_epoch,
+                           threshold_optimizer=self.threshold_optimizer)
 
     def model_cfg(self) -> dict:
         cfg = dict(self.model_options)

@@ -12,6 +12,10 @@ from pathlib import Path
 import yaml
 
 
+#: optimizers of learned pruning thresholds (TrainConfig.threshold_optimizer)
+THRESHOLD_OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass
 class TrainConfig:
     """Everything the :class:`~optembed_ext.train.Trainer` needs besides the model and the data.
@@ -25,6 +29,9 @@ class TrainConfig:
     ``patience``: epochs without a better validation AUC before stopping (``None`` = never stop early).
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (``None`` = once per epoch).
     ``max_steps_per_epoch``: cut each epoch after that many steps (``None`` = whole training split).
+    ``threshold_optimizer``: optimizer of learned pruning thresholds (OptEmbed's ``t``): ``"sgd"`` (plain SGD, as
+    the OptEmbed authors train them) or ``"adam"``; ``threshold_lr`` its learning rate (``None`` = the module's
+    ``threshold_lr``). The thresholds never get weight decay.
     """
 
     epochs: int = 10
@@ -43,6 +50,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     grad_clip: float | None = None
     checkpoint_every: int | None = None
+    threshold_optimizer: str = "sgd"
+    threshold_lr: float | None = None
 
     def __post_init__(self):
         def positive_int(name, allow_none=False):
@@ -71,6 +80,13 @@ class TrainConfig:
             raise ValueError(f"embedding_lr must be a finite number > 0 or None, got {self.embedding_lr!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if self.threshold_optimizer not in THRESHOLD_OPTIMIZERS:
+            raise ValueError(f"threshold_optimizer must be one of {THRESHOLD_OPTIMIZERS}, got "
+                             f"{self.threshold_optimizer!r}")
+        if self.threshold_lr is not None and (isinstance(self.threshold_lr, bool)
+                                              or not isinstance(self.threshold_lr, (int, float))
+                                              or not math.isfinite(self.threshold_lr) or self.threshold_lr < 0):
+            raise ValueError(f"threshold_lr must be a finite number >= 0 or None, got {self.threshold_lr!r}")
         if not isinstance(self.optimizer, str):
             raise ValueError(f"optimizer must be a string, got {self.optimizer!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

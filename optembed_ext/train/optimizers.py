@@ -143,7 +143,9 @@ SPARSE_GRAD_OPTIMIZERS = frozenset({"fused_sgd", "fused_adagrad", "fused_adam"})
 def build_optimizer(model: nn.Module, config: TrainConfig, extra_param_groups=None) -> MultiOptimizer:
     """The optimizer of ``model`` for ``config.optimizer``: ``model.embedding.param_groups(lr, weight_decay)``
     (at ``config.embedding_lr`` when set), the rest of the model at ``config.lr``, plus ``extra_param_groups``;
-    parameters with sparse gradients go to the sparse (or fused) optimizer of that name."""
+    parameters with sparse gradients go to the sparse (or fused) optimizer of that name; learned pruning
+    thresholds (:func:`threshold_parameters`) to their own ``config.threshold_optimizer`` at
+    ``config.threshold_lr`` (default: the module's ``threshold_lr``)."""
     cfg = config
     emb = model.embedding
 
@@ -161,10 +163,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig, extra_param_groups=No
         return out
 
     emb_lr = cfg.lr if cfg.embedding_lr is None else cfg.embedding_lr
+    thresholds = threshold_parameters(emb)
+    thr_ids = {id(p) for p in thresholds}
     emb_groups = [dict(g, lr=g.get("lr", emb_lr)) for g in emb.param_groups(emb_lr, cfg.weight_decay)]
+    emb_groups = [dict(g, params=[p for p in _as_list(g["params"]) if id(p) not in thr_ids]) for g in emb_groups]
+    emb_groups = [g for g in emb_groups if g["params"]]
     emb_groups = normalise(emb_groups, "embedding.param_groups()")
     extra = normalise(extra_param_groups or [], "extra_param_groups")
-    seen: set[int] = set()
+    seen: set[int] = set(thr_ids)
     for g in emb_groups + extra:
         for p in g["params"]:
             if id(p) in seen:
@@ -186,6 +192,37 @@ def build_optimizer(model: nn.Module, config: TrainConfig, extra_param_groups=No
             dense_groups.append(dict(g, params=d))
         if s:
             sparse_groups.append(dict(g, params=s))
-    if not dense_groups and not sparse_groups:
+    if not dense_groups and not sparse_groups and not thresholds:
         raise ValueError("the model has no trainable parameters")
-    return MultiOptimizer(OPTIMIZERS[cfg.optimizer](dense_groups, sparse_groups, cfg))
+    optimizers = OPTIMIZERS[cfg.optimizer](dense_groups, sparse_groups, cfg)
+    if thresholds:
+        lr = cfg.threshold_lr if cfg.threshold_lr is not None else float(getattr(emb, "threshold_lr", cfg.lr))
+        optimizers.append(make_threshold_optimizer(thresholds, cfg.threshold_optimizer, lr))
+    return MultiOptimizer(optimizers)
+
+
+def _as_list(params) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def threshold_parameters(embedding: nn.Module) -> list[torch.Tensor]:
+    """The learned pruning thresholds of an embedding module (OptEmbed's per-field ``t`` while it is learned),
+    which get an optimizer of their own; empty for other modules."""
+    from ..nn.optembed import OptEmbedEmbedding
+
+    if isinstance(embedding, OptEmbedEmbedding):
+        t = embedding.threshold
+        if t is not None and t.requires_grad and not getattr(embedding, "frozen", False):
+            return [t]
+    return []
+
+
+def make_threshold_optimizer(params, kind: str, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD (the OptEmbed authors' choice: ``t -= lr * grad``) or Adam over the thresholds, no weight
+    decay."""
+    params = list(params)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+    raise ValueError(f"threshold_optimizer must be 'sgd' or 'adam', got {kind!r}")

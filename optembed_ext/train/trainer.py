@@ -292,7 +292,7 @@ class Trainer:
 
     #: config fields that must match the checkpoint's for a resumed run to continue the same training
     RESUME_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "optimizer", "momentum", "seed",
-                   "max_steps_per_epoch", "grad_clip")
+                   "max_steps_per_epoch", "grad_clip", "threshold_optimizer", "threshold_lr")
 
     def _data_fingerprint(self) -> dict:
         if getattr(self, "_data_fp", None) is None:

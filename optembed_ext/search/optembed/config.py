@@ -28,6 +28,7 @@ class OptEmbedConfig:
     norm: int = 1
     alpha: float = 3e-4
     threshold_lr: float = 3e-4
+    threshold_optimizer: str = "sgd"   # the authors': plain SGD for the thresholds, Adam for everything else
     threshold_init: float = 0.0
     oov: bool = False
     # training
@@ -103,7 +104,8 @@ class OptEmbedConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
                            patience=self.patience, seed=self.seed, device=self.device, progress=self.progress,
-                           max_steps_per_epoch=self.max_steps_per_epoch)
+                           max_steps_per_epoch=self.max_steps_per_epoch,
+                           threshold_optimizer=self.threshold_optimizer, threshold_lr=self.threshold_lr)
 
     def evolution_config(self) -> EvolutionConfig:
         return EvolutionConfig(generations=self.generations, mutation_num=self.mutation_num,

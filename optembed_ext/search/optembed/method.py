@@ -22,7 +22,7 @@ def shared_options(settings: RunSettings) -> dict:
             "weight_decay": tc.weight_decay, "batch_size": tc.batch_size, "eval_batch_size": tc.eval_batch_size,
             "optimizer": tc.optimizer, "epochs": tc.epochs, "patience": tc.patience,
             "max_steps_per_epoch": tc.max_steps_per_epoch, "seed": tc.seed, "device": tc.device,
-            "progress": False, "baseline": False}
+            "progress": False, "baseline": False, "threshold_optimizer": tc.threshold_optimizer}
 
 
 @register_method
