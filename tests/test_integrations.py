@@ -123,7 +123,8 @@ def test_torchfm_deepfm_optembed_on_ml100k(ml100k, torchfm_dfm):
     with torch.no_grad():
         compact = model(Xv)
     torch.testing.assert_close(compact, masked)
-    print(f"\n[torchfm] steps {steps} best val AUC {hook.best_auc:.4f} row sparsity {1 - hook.best_row_mask().float().mean():.3f} "
+    row_sparsity = 1 - hook.best_row_mask().float().mean()
+    print(f"\n[torchfm] steps {steps} best val AUC {hook.best_auc:.4f} row sparsity {row_sparsity:.3f} "
           f"searched AUC {res['val_auc']:.4f} compact max diff {(compact - masked).abs().max():.2e} ({seconds:.1f}s)")
 
 

@@ -1,6 +1,5 @@
 """The plug-in API: tables from plain cardinalities, local ids, optimizer/regulariser helpers, supernet hook,
 dimension search on any model, unfreeze, compact export, torch.compile / torch.export (issue 11, problems 1-8)."""
-import math
 
 import numpy as np
 import pytest
@@ -276,6 +275,10 @@ def test_to_compact_same_contract_and_outputs(oov):
     assert isinstance(compact, CompactEmbedding) and compact.local_ids
     torch.testing.assert_close(compact(ids), emb(ids))
     assert compact.num_params() == emb.num_params() < emb.dense_size()
+    again = CompactEmbedding.from_config(compact.feature_map, compact.config())  # the saved form keeps local_ids
+    again.load_state_dict(compact.state_dict())
+    assert again.local_ids
+    torch.testing.assert_close(again(ids), emb(ids))
     emb.freeze(emb.row_mask(), [1, 6, 3, 2])
     torch.testing.assert_close(emb.to_compact()(ids), emb(ids))
     pep = PEPEmbedding.from_cardinalities(CARDS, 6, threshold_init=-1.0).eval()

@@ -35,7 +35,7 @@ __all__ = ["is_deepctr_model", "DeepCTREmbeddingDict", "replace_embeddings", "Su
 
 
 def is_deepctr_model(model) -> bool:
-    """True for a DeepCTR-Torch ``BaseModel`` (``embedding_dict``, ``feature_index``, ``input_from_feature_columns``)."""
+    """True for a DeepCTR-Torch ``BaseModel`` (``embedding_dict``, ``feature_index``, ...)."""
     return all(hasattr(model, a) for a in ("embedding_dict", "feature_index", "input_from_feature_columns",
                                            "regularization_weight"))
 

@@ -5,7 +5,8 @@ offsets and returns ``(B, F, embed_dim)``; a table built with ``from_cardinaliti
 local_ids=True)`` has exactly that contract, so the swap is one call::
 
     from optembed_ext.integrations import torchfm as fm_adapter
-    emb, = fm_adapter.replace_embeddings(model, "optembed")     # model = torchfm.model.dfm.DeepFactorizationMachineModel
+    # model = torchfm.model.dfm.DeepFactorizationMachineModel(field_dims, 16, (64, 32), 0.0)
+    emb, = fm_adapter.replace_embeddings(model, "optembed")
     opt = optembed_ext.nn.make_optimizer(model, torch.optim.Adam, lr=1e-3)
     loss = F.binary_cross_entropy(model(x), y) + optembed_ext.nn.regularization(model)
 

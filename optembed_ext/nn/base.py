@@ -128,8 +128,8 @@ class EmbeddingModule(nn.Module):
             self._raise_range_error(ids, local, looks_local is not None and bool(looks_local))
         if looks_local is not None:
             torch._assert_async(~looks_local, f"{type(self).__name__}: {LOCAL_IDS_HINT}")
-        what = "per-field local ids must lie in [0, cardinality_f)" if local else \
-            "ids must lie in their field's range [offset_f, offset_f + cardinality_f)"
+        what = "per-field local ids (indices) must lie in [0, cardinality_f)" if local else \
+            "ids must lie in their field's range of indices [offset_f, offset_f + cardinality_f)"
         torch._assert_async(ok, f"{type(self).__name__}: {what}")
 
     def _raise_range_error(self, ids: torch.Tensor, local: bool, looks_local: bool) -> None:
@@ -143,9 +143,9 @@ class EmbeddingModule(nn.Module):
         col = ids[:, f]
         lo, hi = int(col.min()), int(col.max())
         if local:
-            raise IndexError(f"per-field local ids must lie in [0, cardinality) = [0, {int(hi_all[f])}) for field "
-                             f"{f}, got values in [{lo}, {hi}]")
-        raise IndexError(f"ids must lie in [0, {self.num_features}) and field {f}'s ids in "
+            raise IndexError(f"per-field local ids (indices) must lie in [0, cardinality) = [0, {int(hi_all[f])}) "
+                             f"for field {f}, got values in [{lo}, {hi}]")
+        raise IndexError(f"ids must lie in [0, {self.num_features}) and field {f}'s indices in "
                          f"[{int(lo_all[f])}, {int(hi_all[f])}), got values in [{lo}, {hi}]")
 
     def global_ids(self, ids: torch.Tensor, check_range: bool = True) -> torch.Tensor:
@@ -198,4 +198,5 @@ class EmbeddingModule(nn.Module):
         return int(self.num_params() * itemsize)
 
     def extra_repr(self) -> str:
-        return f"num_features={self.num_features}, num_fields={self.num_fields}, embed_dim={self.embed_dim}"
+        local = ", local_ids=True" if self.local_ids else ""
+        return f"num_features={self.num_features}, num_fields={self.num_fields}, embed_dim={self.embed_dim}{local}"

@@ -190,8 +190,9 @@ class CompactEmbedding(EmbeddingModule):
         return int(sum(self.memory_breakdown().values()))
 
     def config(self) -> dict:
-        """JSON-able constructor arguments (with :attr:`feature_map`) that rebuild an empty module of this shape."""
-        return {
+        """JSON-able constructor arguments (with :attr:`feature_map`) that rebuild an empty module of this shape
+        (``local_ids`` only when set)."""
+        cfg = {
             "embed_dim": self.embed_dim,
             "field_rows": list(self.field_rows),
             "field_dims": [int(d) for d in self.field_dims.tolist()],
@@ -201,6 +202,9 @@ class CompactEmbedding(EmbeddingModule):
             "sparse": self.sparse_grad,
             "check_indices": self.check_indices,
         }
+        if self.local_ids:
+            cfg["local_ids"] = True
+        return cfg
 
     @classmethod
     def from_config(cls, feature_map, config: dict) -> "CompactEmbedding":
@@ -210,7 +214,10 @@ class CompactEmbedding(EmbeddingModule):
                 cfg[key] = getattr(torch, cfg[key])
         embed_dim = int(cfg.pop("embed_dim"))
         rows, dims = cfg.pop("field_rows"), cfg.pop("field_dims")
-        return cls(feature_map, embed_dim, rows, dims, **cfg)
+        local_ids = bool(cfg.pop("local_ids", False))
+        module = cls(feature_map, embed_dim, rows, dims, **cfg)
+        module.local_ids = local_ids
+        return module
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", kept_rows={sum(self.field_rows)}, "
