@@ -216,3 +216,8 @@ def test_deepctr_adapter_l2_list_and_summed_loss(deepctr):
         model.train()(dc.model_input(model, {"a": np.array([0, 0]), "b": np.array([7, 0]), "c": np.array([0, 0])}))
     with pytest.raises(ValueError, match="already"):
         dc.replace_embeddings(model)
+    # compile("adam") builds the combined optimizer (thresholds: own SGD, no weight decay) at DeepCTR's lr
+    model.compile("adam", "binary_crossentropy")
+    assert isinstance(model.optim, oenn.CombinedOptimizer)
+    assert model.optim["threshold"].param_groups[0]["params"] == [table.threshold]
+    assert model.optim["dense"].param_groups[0]["lr"] == 1e-3

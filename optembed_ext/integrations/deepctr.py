@@ -8,7 +8,9 @@ the batch. :func:`replace_embeddings` makes, in place:
   local ids, ``local_ids=True``), looked up once per batch by the model's ``input_from_feature_columns``;
 * the L2 list point at the new table's weights (never at the thresholds);
 * ``model.get_regularization_loss()`` include the table's regulariser scaled for the summed loss
-  (:func:`optembed_ext.nn.regularization` with ``loss_reduction="sum"`` and the batch size).
+  (:func:`optembed_ext.nn.regularization` with ``loss_reduction="sum"`` and the batch size);
+* ``model.compile("adam")`` (a named optimizer) build :func:`optembed_ext.nn.make_optimizer` at DeepCTR's default
+  learning rate, so the thresholds get their own optimizer there too.
 
 Then::
 
@@ -28,7 +30,10 @@ import math
 import torch
 from torch import nn
 
-from ..nn.plugin import SupernetHook, _copy_table, make_table, regularization
+from ..nn.plugin import SupernetHook, _copy_table, make_optimizer, make_table, regularization
+
+#: learning rates of DeepCTR-Torch's named optimizers (``BaseModel._get_optim``)
+DEEPCTR_LRS = {"sgd": 0.01, "adam": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-2}
 
 __all__ = ["is_deepctr_model", "DeepCTREmbeddingDict", "replace_embeddings", "SupernetCallback", "table_of",
            "model_input"]
@@ -191,8 +196,21 @@ def replace_embeddings(model, method="optembed", *, embed_dim: int | None = None
             total = total + regularization(new.table, loss_reduction="sum", batch_size=new.last_batch_size)
         return total
 
+    orig_compile = model.compile
+
+    def compile(optimizer, loss=None, metrics=None):
+        # DeepCTR builds a named optimizer over model.parameters(): the thresholds would get no optimizer of their
+        # own; build it with the right groups instead (DeepCTR's default learning rates)
+        if isinstance(optimizer, str):
+            name = optimizer.lower()
+            if name not in DEEPCTR_LRS:
+                raise NotImplementedError(f"DeepCTR-Torch has no optimizer {optimizer!r}")
+            optimizer = make_optimizer(model, name, lr=DEEPCTR_LRS[name])
+        return orig_compile(optimizer, loss, metrics)
+
     model.input_from_feature_columns = input_from_feature_columns
     model.get_regularization_loss = get_regularization_loss
+    model.compile = compile
     return table
 
 

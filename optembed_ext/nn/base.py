@@ -112,21 +112,19 @@ class EmbeddingModule(nn.Module):
             self._check_ranges(ids, self.local_ids if local is None else bool(local))
 
     def _check_ranges(self, ids: torch.Tensor, local: bool) -> None:
-        card = self._id_card.to(ids.device)
-        in_local = (ids >= 0) & (ids < card)
+        card = self._id_card
         if local:
-            ok = in_local.all()
-            looks_local = None
+            ok = ((ids >= 0) & (ids < card)).all()
         else:
-            start, end = self._id_start.to(ids.device), self._id_end.to(ids.device)
-            ok = ((ids >= start) & (ids < end)).all()
-            # every column within [0, cardinality_f) but not within the field's block: local ids passed as global
-            looks_local = in_local.all() & ~ok if self.num_fields > 1 else None
+            ok = ((ids >= self._id_start) & (ids < self._id_end)).all()
         if not _compiling() and ids.device.type == "cpu":
             if bool(ok):  # a CPU tensor: no device synchronisation
                 return
-            self._raise_range_error(ids, local, looks_local is not None and bool(looks_local))
-        if looks_local is not None:
+            looks_local = not local and self.num_fields > 1 and bool(((ids >= 0) & (ids < card)).all())
+            self._raise_range_error(ids, local, looks_local)
+        if not local and self.num_fields > 1:
+            # every column within [0, cardinality_f) but not within the field's block: local ids passed as global
+            looks_local = ((ids >= 0) & (ids < card)).all() & ~ok
             torch._assert_async(~looks_local, f"{type(self).__name__}: {LOCAL_IDS_HINT}")
         what = "per-field local ids (indices) must lie in [0, cardinality_f)" if local else \
             "ids must lie in their field's range of indices [offset_f, offset_f + cardinality_f)"
