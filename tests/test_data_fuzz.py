@@ -18,6 +18,7 @@ CSV) in a non-empty file, else 0. MovieLens side files (``u.user``...) are count
 The samples are the shipped ones under ``shared/data`` when present, else small files generated here.
 """
 import functools
+import json
 import os
 import tempfile
 import warnings
@@ -227,3 +228,48 @@ def test_edited_movielens100k_folder(target, edits, strict):
             side = res.stats.get("side_files", {}).get("u.user")
             assert side is not None and side["lines"] == physical_lines(files["u.user"])
             assert side["lines"] == side["rows"] + side["blank_lines"] + side["malformed"]
+
+
+@functools.lru_cache(maxsize=None)
+def _built_cache():
+    """One cache folder of the Criteo CSV sample, built once; each example edits a copy."""
+    d = Path(tempfile.mkdtemp(prefix="optembed-fuzz-cache-"))
+    raw = d / "train.csv"
+    raw.write_bytes(sample("criteo_csv"))
+    res = preprocess("criteo", raw, d / "cache", min_count=2, progress=False)
+    return raw, res.cache_path, np.array(res.X), np.array(res.y)
+
+
+@FUZZ
+@given(target=st.sampled_from(["X.npy", "y.npy", "feature_map.json", "vocab.json", "meta.json"]),
+       edits=st.lists(EDIT, min_size=1, max_size=3))
+def test_edited_cache_files_are_detected_and_rebuilt(target, edits):
+    import shutil
+
+    from optembed_ext.data import CacheError, verify_cache
+
+    raw, folder, X0, y0 = _built_cache()
+    with tempfile.TemporaryDirectory() as d:
+        cache = Path(d) / "cache"
+        copy = cache / folder.name
+        shutil.copytree(folder, copy)
+        before = (copy / target).read_bytes()
+        after = apply_edits(before, edits)
+        (copy / target).write_bytes(after)
+        try:
+            verify_cache(copy)
+            ok = True
+        except CacheError:
+            ok = False
+        if after != before and target != "meta.json":
+            assert not ok  # every change of a checksummed file is seen
+        if ok and target == "meta.json":  # only informational parts changed (statistics, dates)
+            meta0, meta1 = (json.loads(b) for b in (before, after))
+            assert all(meta0[k] == meta1[k] for k in ("params", "files", "checksums", "rows"))
+        assert [e.status for e in list_caches(cache)] == ["valid" if ok else "corrupt"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = preprocess("criteo", raw, cache, min_count=2, progress=False)
+        assert res.cache_path == copy and res.from_cache == ok
+        np.testing.assert_array_equal(res.X, X0)
+        np.testing.assert_array_equal(res.y, y0)

@@ -24,18 +24,26 @@ def batches(
     seed: int = 0,
     epoch: int = 0,
     drop_last: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(ids, labels)``: LongTensor (B, F) global ids and FloatTensor (B,) labels.
 
     The arrays are wrapped with ``torch.from_numpy`` once and sliced (contiguous slices without
     ``shuffle``; gathers of a permutation with it). The order is a pure function of
     ``(seed, epoch)``: the same pair always gives the same batches.
+
+    ``part=(index, parts)`` (data-parallel training): every batch is cut into ``parts`` contiguous pieces (the
+    first ``B % parts`` one row longer) and only piece ``index`` is read and yielded, so ``parts`` processes with
+    the same arguments together see exactly the batches of one process.
     """
     if not isinstance(split, CTRSplit):
         raise TypeError(f"split must be a CTRSplit, got {type(split).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
+    index, parts = (0, 1) if part is None else (int(part[0]), int(part[1]))
+    if parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"part must be (index, parts) with 0 <= index < parts, got {part!r}")
     X = torch.from_numpy(np.ascontiguousarray(split.X, dtype=np.int64))
     y = torch.from_numpy(np.ascontiguousarray(split.y, dtype=np.float32))
     n = X.shape[0]
@@ -44,11 +52,20 @@ def batches(
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         perm = torch.randperm(n, generator=gen)
         for start in range(0, stop, batch_size):
-            idx = perm[start:start + batch_size]
+            lo, hi = _piece(min(batch_size, stop - start), index, parts)
+            idx = perm[start + lo:start + hi]
             yield X.index_select(0, idx), y.index_select(0, idx)
     else:
         for start in range(0, stop, batch_size):
-            yield X[start:start + batch_size], y[start:start + batch_size]
+            lo, hi = _piece(min(batch_size, stop - start), index, parts)
+            yield X[start + lo:start + hi], y[start + lo:start + hi]
+
+
+def _piece(b: int, index: int, parts: int) -> tuple[int, int]:
+    """``[lo, hi)`` of piece ``index`` of ``b`` rows cut into ``parts`` contiguous pieces."""
+    base, extra = divmod(b, parts)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (1 if index < extra else 0)
 
 
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:

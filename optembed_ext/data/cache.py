@@ -130,6 +130,12 @@ def fingerprint_key(fp: dict[str, Any]) -> list:
     return key
 
 
+def cache_key(params: dict[str, Any], fingerprints: list[dict[str, Any]]) -> str:
+    """The 16 hex digits naming a cache folder: a hash of the parameters and the raw-file fingerprints."""
+    files = [fingerprint_key(fp) for fp in fingerprints]
+    return hashlib.sha256(json.dumps({"params": params, "files": files}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _file_digest(path: Path) -> str:
     h = _blake()
     with open(path, "rb") as f:
@@ -230,9 +236,24 @@ def verify_cache(folder, *, full: bool | None = None, format_version: int | None
     if not folder.is_dir():
         raise CacheError(f"{folder} is not a cache folder")
     meta = _read_meta(folder)
-    if format_version is not None and meta.get("params", {}).get("format_version") != format_version:
+    params = meta.get("params")
+    if not isinstance(params, dict):
+        raise CacheError(f"{folder}: meta.json holds no preprocessing parameters")
+    version = params.get("format_version")
+    if format_version is not None and isinstance(version, int) and version != format_version:
         raise OutdatedCacheError(f"{folder} was written by another version of the preprocessing "
-                         f"(format {meta.get('params', {}).get('format_version')}, expected {format_version})")
+                                 f"(format {params.get('format_version')}, expected {format_version})")
+    name = _NAME_RE.match(folder.name)
+    if name is not None:
+        try:
+            key = cache_key(params, meta.get("files"))
+        except (TypeError, KeyError, ValueError):
+            key = None
+        if key != name.group(2):
+            raise CacheError(f"{folder}: meta.json parameters or raw-file fingerprints do not match the folder "
+                             "name (meta.json was changed)")
+    if format_version is not None and version != format_version:
+        raise CacheError(f"{folder}: meta.json holds format version {version!r}, expected {format_version}")
     sums = meta.get("checksums")
     if not isinstance(sums, dict):
         raise OutdatedCacheError(f"{folder}: meta.json holds no checksums (written by an older version)")
@@ -506,11 +527,15 @@ def _entry(p: Path, full: bool | None) -> CacheEntry | None:
         if reason.startswith(f"{p}: "):
             reason = reason[len(str(p)) + 2:]
         return CacheEntry(p, dataset, "stale" if isinstance(e, OutdatedCacheError) else "corrupt", reason, size)
-    params = meta.get("params", {})
-    entry = CacheEntry(p, params.get("dataset", dataset), "valid", "", size, int(X.shape[0]), meta.get("created"),
-                       [fp.get("path") for fp in meta.get("files", [])], params)
+    params = meta["params"]
+    try:
+        files = [str(fp["path"]) for fp in meta.get("files", [])]
+        stale = _stale_reason(meta)
+    except (TypeError, KeyError, AttributeError) as e:
+        return CacheEntry(p, dataset, "corrupt", f"meta.json lists no readable raw files ({e})", size)
+    entry = CacheEntry(p, params.get("dataset", dataset), "valid", "", size, int(X.shape[0]),
+                       meta.get("created"), files, params)
     del X
-    stale = _stale_reason(meta)
     if stale:
         entry.status, entry.reason = "stale", stale
     return entry

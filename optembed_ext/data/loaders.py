@@ -161,8 +161,7 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
         return PreprocessResult(name, None, table.feature_map, table.X, table.y, table.stats, False, params)
 
     fingerprints = [_cache.file_fingerprint(p) for p in plan.files]
-    key_files = [_cache.fingerprint_key(fp) for fp in fingerprints]
-    key = hashlib.sha256(json.dumps({"params": params, "files": key_files}, sort_keys=True).encode()).hexdigest()[:16]
+    key = _cache.cache_key(params, fingerprints)
     cache_dir = Path(cache_dir).expanduser()
     created_dir = not cache_dir.exists()
     try:
@@ -192,7 +191,10 @@ def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait)
             try:
                 return _load_cached(name, final, params)
             except CacheError as e:
-                logger.warning("cache %s is corrupt, rebuilding: %s", final, e)
+                reason = str(e)
+                if reason.startswith(f"{final}: "):
+                    reason = reason[len(str(final)) + 2:]
+                logger.warning("cache %s is corrupt, rebuilding: %s", final, reason)
         tmp = cache_dir / _cache.temp_name(final.name)
         try:
             tmp.mkdir()
