@@ -602,3 +602,46 @@ def test_leading_blank_lines_do_not_change_the_separator(tmp_path):
     assert res.stats["blank_lines"] == 2 and res.stats["malformed"] == 0
     np.testing.assert_array_equal(res.X, base.X)
     assert_accounted(res.stats, path)
+
+
+def test_big_cache_modes_sampled_checks_and_full_listing(tmp_path, monkeypatch):
+    """Large raw files get a sampled fingerprint (with mtime), large caches sampled checks on load; a full check
+    (list_caches(full=True)) still sees an edit anywhere. Sizes are shrunk so small files take these paths."""
+    monkeypatch.setattr(cache_mod, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(cache_mod, "SAMPLE_BLOCK", 64)
+    monkeypatch.setattr(cache_mod, "SAMPLE_BLOCKS", 2)
+    monkeypatch.setattr(cache_mod, "FULL_VERIFY_BYTES", 0)
+    monkeypatch.setattr(cache_mod, "CHECKSUM_BLOCK", 256)
+    monkeypatch.setattr(cache_mod, "_SAMPLED_CHUNKS", 1)
+    monkeypatch.setattr(cache_mod, "_RANGE_ROWS", 8)
+    path = criteo_csv(tmp_path / "train.csv", n=200, seed=12)
+    cache = tmp_path / "cache"
+    first = preprocess("criteo", path, cache, min_count=2, progress=False)
+    meta = json.loads((first.cache_path / "meta.json").read_text())
+    assert meta["files"][0]["hash_mode"] == "sampled" and len(meta["checksums"]["X.npy"]["blocks"]) > 20
+    assert preprocess("criteo", path, cache, min_count=2, progress=False).from_cache
+    # a same-size edit in the sampled tail block keeping the mtime is still seen
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    j = max(i for i in range(len(data) - 60, len(data)) if chr(data[i]).isalnum())
+    data[j:j + 1] = b"q" if data[j:j + 1] != b"q" else b"r"
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = preprocess("criteo", path, cache, min_count=2, progress=False)
+    assert not second.from_cache and second.cache_path != first.cache_path
+    # with a sampled fingerprint the mtime is part of the key: touch rebuilds
+    os.utime(path)
+    third = preprocess("criteo", path, cache, min_count=2, progress=False)
+    assert not third.from_cache and third.cache_path not in (first.cache_path, second.cache_path)
+    # an edit of a middle block of X.npy: sampled checks may miss it, the full check does not
+    X = np.load(third.cache_path / "X.npy")
+    mid = X.shape[0] // 2
+    X[mid, 13], X[mid + 1, 13] = X[mid + 1, 13], X[mid, 13]
+    if X[mid, 13] == X[mid + 1, 13]:
+        X[mid, 14], X[mid + 1, 14] = X[mid + 1, 14], X[mid, 14]
+    np.save(third.cache_path / "X.npy", X)
+    del X
+    with pytest.raises(CacheError, match="checksum mismatch"):
+        verify_cache(third.cache_path, full=True)
+    statuses = {e.path: e.status for e in list_caches(cache, full=True)}
+    assert statuses[third.cache_path] == "corrupt" and statuses[first.cache_path] == "stale"

@@ -147,7 +147,7 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _block_digests(path: Path, block: int = CHECKSUM_BLOCK) -> list[str]:
+def _block_digests(path: Path, block: int) -> list[str]:
     out = []
     with open(path, "rb") as f:
         while True:
@@ -164,7 +164,8 @@ def compute_checksums(folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("X.npy", "y.npy"):
         p = folder / name
-        out[name] = {"size": p.stat().st_size, "block_size": CHECKSUM_BLOCK, "blocks": _block_digests(p)}
+        out[name] = {"size": p.stat().st_size, "block_size": CHECKSUM_BLOCK,
+                     "blocks": _block_digests(p, CHECKSUM_BLOCK)}
     for name in ("feature_map.json", "vocab.json"):
         out[name] = _file_digest(folder / name)
     return out
