@@ -203,3 +203,31 @@ def test_paper_configs_resolve():
             assert args.dataset == values["dataset"] and args.batch_size == values["batch-size"]
             if command == "pep":
                 assert args.grad_clip == 100.0 and args.exact_budget is False
+
+
+def test_cache_list_and_clean(tmp_path, capsys):
+    raw = criteo_file(tmp_path / "train.txt")
+    cache = tmp_path / "cache"
+    argv = ["preprocess", "--dataset", "criteo", "--data-dir", str(raw), "--cache-dir", str(cache), "--min-count",
+            "2", "--no-progress"]
+    assert cli.main(argv + ["--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    assert cli.main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("valid") and "criteo" in out[0] and "120 rows" in out[0]
+    assert cli.main(["cache", "list", "--cache-dir", str(cache), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert entries[0]["status"] == "valid" and entries[0]["rows"] == 120
+    # an in-range edit of the cached ids is found, listed as corrupt and cleaned
+    import numpy as np
+
+    folder = next(p for p in cache.iterdir() if p.is_dir())
+    X = np.load(folder / "X.npy")
+    X[0, 0] = X[1, 0] if X[1, 0] != X[0, 0] else X[0, 0] + 1
+    np.save(folder / "X.npy", X)
+    assert cli.main(["cache", "list", "--cache-dir", str(cache), "--full"]) == 0
+    assert capsys.readouterr().out.startswith("corrupt")
+    assert cli.main(["cache", "clean", "--cache-dir", str(cache), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("would remove 1 cache folders") and folder.exists()
+    assert cli.main(["cache", "clean", "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 cache folders") and not folder.exists()

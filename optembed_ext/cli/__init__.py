@@ -4,12 +4,18 @@ Each module in :data:`SUBCOMMAND_MODULES` defines ``register(subparsers)``; :mod
 per registered method (:mod:`optembed_ext.search.base`) from its configuration dataclass. Every subcommand accepts
 ``--config file.yaml`` whose keys are the subcommand's long option names (``embed-dim: 16`` or ``embed_dim: 16``);
 options given on the command line win over the file.
+
+Launched by ``torchrun --nproc_per_node N -m optembed_ext <command> ...`` the command runs data-parallel: the
+process group is started before the command and torn down after it (gloo on the CPU, NCCL for ``--device cuda``),
+and only rank 0 prints.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -17,6 +23,7 @@ from ..train.config import load_yaml_config
 
 SUBCOMMAND_MODULES = (
     "optembed_ext.cli.preprocess",
+    "optembed_ext.cli.cache",
     "optembed_ext.cli.train",
     "optembed_ext.cli.search",
     "optembed_ext.cli.export",
@@ -110,15 +117,24 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         parser.error(f"--log-level must be a logging level name, got {args.log_level!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..data.errors import DataError
+    from ..train import distributed
     from ..train.checkpoint import RunFolderError
 
+    started = distributed.init_from_env(getattr(args, "device", None))
+    quiet = started and not distributed.is_main()  # torchrun: rank 0 prints and logs at the chosen level
+    logging.basicConfig(level=max(level, logging.WARNING) if quiet else level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with open(os.devnull, "w") if quiet else contextlib.nullcontext() as sink:
+            with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+                return int(args.func(args) or 0)
     except (DataError, RunFolderError) as err:  # a user mistake: one line naming the file and what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if started:
+            distributed.destroy()
 
 
 if __name__ == "__main__":  # pragma: no cover

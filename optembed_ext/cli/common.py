@@ -42,13 +42,16 @@ def _arg_int_list(value: str) -> tuple[int, ...]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dataset --data-dir --cache-dir --min-count --split --data-seed --max-rows --strict --num-samples``."""
+    """``--dataset --data-dir --cache-dir --min-count --preset --split --data-seed --max-rows --strict --num-samples``."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", help="criteo, avazu, kdd12, movielens1m, movielens100k or synthetic (required)")
     g.add_argument("--data-dir", help="folder (or file) of the raw dataset")
     g.add_argument("--cache-dir", help="folder of the preprocessing cache (encoded arrays + feature map)")
     g.add_argument("--min-count", type=int, default=None,
-                   help="values seen fewer times become the field's OOV id (default: the loader's)")
+                   help="values seen fewer times become the field's OOV id (default: the preset's)")
+    g.add_argument("--preset", default=None,
+                   help="preprocessing rules: default, or paper (criteo/avazu/kdd12: the OptEmbed paper's "
+                        "min count 2 and field lists, e.g. 24 Avazu fields)")
     g.add_argument("--split", default="random", help="random or sequential train/val/test split")
     g.add_argument("--data-seed", type=int, default=2022, help="seed of the random split / synthetic data")
     g.add_argument("--max-rows", type=int, default=None, help="read at most this many raw rows")
@@ -166,6 +169,8 @@ def load_data_from_args(args: argparse.Namespace, progress: bool | None = None):
               "progress": bool(getattr(args, "progress", True) if progress is None else progress)}
     if args.min_count is not None:
         kwargs["min_count"] = args.min_count
+    if getattr(args, "preset", None) is not None:
+        kwargs["preset"] = args.preset
     if args.num_samples is not None:
         if args.dataset != "synthetic":
             raise SystemExit("error: --num-samples applies to --dataset synthetic only")
@@ -229,9 +234,12 @@ def dataset_summary(data) -> dict:
         stats = info["stats"]
         summary["cache_path"] = info.get("cache_path")
         summary["from_cache"] = info.get("from_cache")
-        summary["preprocessing"] = {k: stats[k] for k in ("rows_read", "rows_kept", "filtered", "blank_lines",
-                                                          "padded_rows", "malformed", "malformed_by_reason",
-                                                          "malformed_examples", "min_count") if k in stats}
+        summary["preprocessing"] = {k: stats[k] for k in ("lines", "header_lines", "rows_read", "rows_kept",
+                                                          "filtered", "blank_lines", "padded_rows", "malformed",
+                                                          "malformed_by_reason", "malformed_examples", "min_count",
+                                                          "compression", "side_malformed",
+                                                          "side_malformed_by_reason", "side_malformed_examples")
+                                    if k in stats}
     return summary
 
 

@@ -25,6 +25,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                 f"{pre.get('malformed', 0)} malformed rows skipped")
         if pre.get("padded_rows"):
             msg += f", {pre['padded_rows']} short rows padded"
+        if pre.get("side_malformed"):
+            msg += f", {pre['side_malformed']} malformed side-file lines skipped"
     append_log(run_dir, msg)
     print(msg)
     print(f"run folder: {run_dir}")
