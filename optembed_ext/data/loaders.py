@@ -33,12 +33,12 @@ from . import _stream
 from . import cache as _cache
 from .batching import make_splits
 from .errors import CacheError, DataUsageError, MalformedRowError
-from .formats import PLANNERS
+from .formats import PLANNERS, PRESETS, resolve_preset
 from .types import CTRDataset, FeatureMap, _jsonable
 
 logger = logging.getLogger("optembed_ext.data")
 
-__all__ = ["DATASETS", "DEFAULT_MIN_COUNT", "PreprocessResult", "preprocess", "load_dataset", "load_vocab",
+__all__ = ["DATASETS", "DEFAULT_MIN_COUNT", "PRESETS", "PreprocessResult", "preprocess", "load_dataset", "load_vocab",
            "canonical_name"]
 
 FORMAT_VERSION = _cache.CACHE_FORMAT_VERSION
@@ -117,7 +117,7 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False):
 
 def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = None, strict: bool = False,
                max_rows: int | None = None, chunk_rows: int = 100_000, progress: bool = True,
-               force: bool = False, **options) -> PreprocessResult:
+               force: bool = False, preset: str | None = None, **options) -> PreprocessResult:
     """Encode the raw files of dataset ``name`` found at ``data_dir`` (a folder or the file itself).
 
     Streams the raw file twice (count, then encode) in chunks of ``chunk_rows`` lines. With a
@@ -129,14 +129,21 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     column) on the first malformed row -- including a row lacking trailing columns and a malformed
     line of a side file -- instead of skipping and counting it. A file without a usable row raises
     :class:`~optembed_ext.data.errors.DataFormatError` and caches nothing. ``options`` are format options
-    (kdd12: ``include_impression``).
+    (kdd12: ``include_impression``; avazu: ``is_weekend``).
+
+    ``preset`` names a set of preprocessing rules (:data:`~optembed_ext.data.formats.PRESETS`):
+    ``"default"`` (the behaviour above) or, for criteo/avazu/kdd12, ``"paper"`` -- the OptEmbed
+    paper's rules (``min_count=2``; Avazu with 24 fields). An explicit ``min_count`` or format option
+    wins over the preset's. Equal rules share one cache folder whatever preset named them.
     """
     name = canonical_name(name)
     if name == "synthetic":
         raise ValueError("the synthetic dataset is generated, not preprocessed; use make_synthetic")
-    min_count = _check_int("min_count", DEFAULT_MIN_COUNT[name] if min_count is None else min_count, 1)
+    rules = resolve_preset(name, preset)
+    min_count = _check_int("min_count", rules["min_count"] if min_count is None else min_count, 1)
     max_rows = _check_int("max_rows", max_rows, 1, allow_none=True)
     chunk_rows = _check_int("chunk_rows", chunk_rows, 1)
+    options = {**rules["options"], **options}
     plan = PLANNERS[name](data_dir, **options)
     params = {"dataset": name, "min_count": min_count, "strict": bool(strict), "max_rows": max_rows,
               "options": plan.options, "format_version": FORMAT_VERSION}
@@ -288,13 +295,15 @@ def load_vocab(cache_path) -> dict[str, list[str]]:
 
 def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | None = None, split: str = "random",
                  seed: int = 2022, ratios: Sequence[float] = (0.8, 0.1, 0.1), strict: bool = False,
-                 max_rows: int | None = None, progress: bool = True, **kwargs) -> CTRDataset:
+                 max_rows: int | None = None, progress: bool = True, preset: str | None = None,
+                 **kwargs) -> CTRDataset:
     """Load dataset ``name`` as a :class:`CTRDataset` with train/val/test splits.
 
     ``name`` in ``criteo, avazu, kdd12, movielens1m, movielens100k, synthetic``. Raw datasets go
     through :func:`preprocess` (``kwargs``: ``chunk_rows``, ``force`` and format options), then
     are split ``ratios`` (default 8:1:1) at random with ``seed`` or, with ``split="sequential"``,
-    in file order. ``"synthetic"`` forwards ``seed``, ``split``, ``ratios`` and ``kwargs`` to
+    in file order. ``preset`` (``"default"`` or ``"paper"``) picks the preprocessing rules, see
+    :func:`preprocess` (for ``"synthetic"``: the generator's preset). ``"synthetic"`` forwards ``seed``, ``split``, ``ratios`` and ``kwargs`` to
     :func:`make_synthetic` (``data_dir`` is ignored).
 
     ``info`` holds ``dataset``, ``cache_path``, ``from_cache``, ``num_rows``, ``stats`` (row counts,
@@ -306,13 +315,16 @@ def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | N
     if name == "synthetic":
         from .synthetic import make_synthetic
 
+        if preset is not None:  # the synthetic data's own presets (criteo, criteo_interactions)
+            kwargs["preset"] = preset
         return make_synthetic(seed=seed, split=split, ratios=ratios, **kwargs)
     res = preprocess(name, data_dir, cache_dir, min_count=min_count, strict=strict, max_rows=max_rows,
-                     progress=progress, **kwargs)
+                     progress=progress, preset=preset, **kwargs)
     train, val, test = make_splits(res.X, res.y, split=split, seed=seed, ratios=ratios)
     info = {
         "dataset": name, "cache_path": None if res.cache_path is None else str(res.cache_path),
         "from_cache": res.from_cache, "num_rows": res.num_rows, "stats": res.stats,
-        "min_count": res.params["min_count"], "split": split, "seed": seed, "ratios": tuple(ratios),
+        "min_count": res.params["min_count"], "preset": "default" if preset is None else preset,
+        "split": split, "seed": seed, "ratios": tuple(ratios),
     }
     return CTRDataset(res.feature_map, train, val, test, info)
