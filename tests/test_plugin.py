@@ -182,6 +182,23 @@ def test_make_optimizer_groups_and_threshold_sgd():
     assert "threshold" not in make_optimizer(model, torch.optim.Adam).optimizers
 
 
+def test_make_optimizer_sparse_table():
+    emb = OptEmbedEmbedding.from_cardinalities(CARDS, 4, sparse=True)
+    model = PlainFM(CARDS, 4, embedding=emb)
+    opt = make_optimizer(model, torch.optim.Adam, lr=1e-2)
+    assert isinstance(opt["sparse"], torch.optim.SparseAdam) and opt["sparse"].param_groups[0]["params"] == [emb.weight]
+    x = _local_ids(16, torch.Generator().manual_seed(7))
+    before = emb.weight.detach().clone()
+    loss = model(x).sigmoid().mean() + regularization(model)
+    opt.zero_grad()
+    loss.backward()
+    assert emb.weight.grad.is_sparse
+    opt.step()
+    assert not torch.equal(before, emb.weight.detach())
+    with pytest.raises(ValueError, match="sparse"):
+        make_optimizer(model, torch.optim.RMSprop)
+
+
 def test_make_optimizer_other_tables():
     pep = PEPEmbedding.from_cardinalities(CARDS, 4, threshold_lr=0.5)
     opt = make_optimizer(PlainFM(CARDS, 4, embedding=pep), torch.optim.Adam, lr=1e-3, weight_decay=1e-4)

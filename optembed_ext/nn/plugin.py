@@ -152,6 +152,9 @@ def make_optimizer(model: nn.Module, optimizer=torch.optim.Adam, lr: float = 1e-
     * OptEmbed's thresholds: their own ``threshold_optimizer`` (``"sgd"`` by default, as the OptEmbed authors;
       ``"adam"`` or any class) at ``threshold_lr`` (default: each module's ``threshold_lr``), no weight decay.
 
+    * tables built with ``sparse=True``: their sparse-gradient parameters in ``["sparse"]`` (``SparseAdam`` for
+      Adam/AdamW, the same class for SGD/Adagrad) at ``embedding_lr``.
+
     ``optimizer`` is a torch optimizer class or a name (``"adam"``, ``"sgd"``, ...); ``optimizer_kwargs`` go to it.
     Returns a :class:`CombinedOptimizer` (``["dense"]`` and, when there are thresholds, ``["threshold"]``).
     """
@@ -180,6 +183,9 @@ def make_optimizer(model: nn.Module, optimizer=torch.optim.Adam, lr: float = 1e-
                 out.append(p)
         return out
 
+    sparse_params: list = []
+    for _, m in embedding_modules(model):
+        sparse_params += take(m.sparse_parameters())  # sparse COO gradients: an optimizer that takes them
     for _, m in embedding_modules(model):
         thr_ids = set()
         if isinstance(m, OptEmbedEmbedding) and m.threshold is not None and m.threshold.requires_grad:
@@ -203,6 +209,14 @@ def make_optimizer(model: nn.Module, optimizer=torch.optim.Adam, lr: float = 1e-
     if not dense_groups and not thr_groups:
         raise ValueError("model has no trainable parameters")
     optimizers = {}
+    if sparse_params:
+        if dense_cls in (torch.optim.Adam, torch.optim.AdamW):
+            optimizers["sparse"] = torch.optim.SparseAdam(sparse_params, lr=emb_lr)
+        elif dense_cls in (torch.optim.SGD, torch.optim.Adagrad):
+            optimizers["sparse"] = dense_cls(sparse_params, lr=emb_lr)
+        else:
+            raise ValueError(f"{dense_cls.__name__} cannot take the sparse gradients of a table built with "
+                             "sparse=True: use Adam, AdamW, SGD or Adagrad, or a dense table")
     if dense_groups:
         optimizers["dense"] = dense_cls(dense_groups, lr=lr, **optimizer_kwargs)
     if thr_groups:
