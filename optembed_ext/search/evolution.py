@@ -13,6 +13,11 @@ goes to the smallest value seen). The most accurate candidate seen is the result
 Population evaluation is batched: one embedding lookup per validation batch is shared by all candidates, each
 candidate's dimension mask is applied to it, and the interaction network runs once on the stacked
 ``(C * B, F, D)`` candidates (``model.predict_from_embeddings``).
+
+Data parallel (``torchrun``): each generation's new candidates are dealt to the ranks in blocks of one stacked
+forward, each rank evaluates its blocks on the whole validation split exactly as one process would, and the
+fitness values are gathered; every rank then ranks, breeds and caches the same values with the same generator, so
+the search returns the architecture a single process returns for the same supernet. Rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..train import distributed as dist_utils
 from ..train.checkpoint import RESUME_HINT, RunFolderError, load_run_file
 
 
@@ -284,15 +290,27 @@ class EvolutionSearch:
             if not (self.config.cache and k in cache) and k not in todo:
                 todo.append(k)
         if todo:
-            res = evaluate_population(self.model, self.split, np.array(todo, dtype=np.int64),
-                                      batch_size=self.config.eval_batch_size,
-                                      max_stack_rows=self.config.max_stack_rows, device=self.device)
-            for k, a in zip(todo, res["auc"]):
-                cache[k] = a
+            world = dist_utils.world_size()
+            if world > 1:
+                # deal blocks of one stacked forward round-robin, so each candidate is stacked as in one process
+                stack = self.config.max_stack_rows or default_stack_rows(self.device, self.config.eval_batch_size)
+                block = max(1, min(len(todo), stack // self.config.eval_batch_size))
+                blocks = [todo[i:i + block] for i in range(0, len(todo), block)]
+                mine = [k for b in blocks[dist_utils.rank()::world] for k in b]
+            else:
+                mine = todo
+            aucs = []
+            if mine:
+                aucs = evaluate_population(self.model, self.split, np.array(mine, dtype=np.int64),
+                                           batch_size=self.config.eval_batch_size,
+                                           max_stack_rows=self.config.max_stack_rows, device=self.device)["auc"]
+            for part in dist_utils.all_gather_objects(list(zip(mine, [float(a) for a in aucs]))):
+                for k, a in part:
+                    cache[tuple(k)] = a
         return [cache[k] for k in keys], len(todo)
 
     def _save(self, state: dict) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not dist_utils.is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / (self.STATE + ".tmp")
@@ -315,7 +333,8 @@ class EvolutionSearch:
 
     def run(self, resume: bool = True) -> dict:
         cfg = self.config
-        state = self._load() if resume else None
+        # rank 0 reads the state and hands it to every rank, so that all continue from the same generation
+        state = dist_utils.broadcast_object(self._load() if resume and dist_utils.is_main() else None)
         if state is None:
             rng = np.random.default_rng(cfg.seed)
             population = random_candidates(cfg.population_size, self.num_fields, self.embed_dim, rng)
@@ -375,7 +394,7 @@ class EvolutionSearch:
                   "num_params": state["best"]["num_params"] if state["best"] else None,
                   "generations": int(state["generation"]), "history": state["history"],
                   "candidates_evaluated": int(state["evaluated"]), "seconds": float(state["seconds"])}
-        if self.run_dir is not None:
+        if self.run_dir is not None and dist_utils.is_main():
             with open(self.run_dir / "evolution.json", "w") as f:
                 json.dump(result, f, indent=1)
         return result

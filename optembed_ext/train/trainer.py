@@ -8,6 +8,17 @@ Resuming: with a ``run_dir`` the trainer writes ``run_dir/checkpoint.pt`` after 
 ``checkpoint_every`` steps) holding the model, optimizer, callback states, RNG states, counters, the best state and
 the early-stopping state. ``fit(resume=True)`` continues from it and, because the shuffling order is a function of
 ``(seed, epoch)`` and every generator state is restored, gives the same result as an uninterrupted run.
+
+Data parallel (``torchrun``, :mod:`optembed_ext.train.distributed`): when a process group with more than one rank
+is running, the model (with its embedding's regularization term) is wrapped in ``DistributedDataParallel``
+(gradients, dense or row-sparse, averaged by the engine during ``backward``). ``batch_size`` stays the global
+batch: every rank walks the same global batches and reads only its contiguous piece of each, the loss is scaled
+so that the averaged gradient is the gradient of the global batch's mean loss, and ``trainer.batch_shard`` tells
+callbacks which rows of the global batch this rank holds. Evaluation gathers every rank's predictions and labels
+and computes AUC / log loss over the whole split on every rank. Rank 0 alone writes the checkpoint, the log and
+``metrics.json``; every rank resumes from the same checkpoint. Batch-norm statistics and dropout masks are
+per-rank (as under any DDP); without them a data-parallel run equals the single-process run up to floating-point
+summation order.
 """
 from __future__ import annotations
 
@@ -26,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import batches
+from ..data import CTRSplit, batches
+from . import distributed as dist_utils
 from .callbacks import Callback
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, RESUME_HINT, RunFolderError, dataset_fingerprint,
                          fingerprint_diff, get_rng_state, load_checkpoint, save_checkpoint, seed_everything,
@@ -86,6 +98,15 @@ class Trainer:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
         self.optimizer = build_optimizer(self.model, self.config, extra_param_groups)
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self._ddp = None
+        if self.world_size > 1:
+            # the regularization term goes through the wrapped forward, so every parameter it touches is reduced;
+            # find_unused_parameters: a method may leave parameters out of some steps (frozen masks, DARTS phases)
+            self._ddp = dist_utils.SparseAwareDDP(_ForwardWithRegularization(self.model),
+                                                  find_unused_parameters=True)
+        #: ``(lo, hi, global_batch)``: the rows of the current global batch this rank holds (``(0, B, B)`` alone)
+        self.batch_shard: tuple[int, int, int] | None = None
         self._reset_state()
 
     # ---------------------------------------------------------------------------------------- setup
@@ -115,7 +136,11 @@ class Trainer:
         return self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
 
     def log(self, msg: str) -> None:
-        """Log a line to ``run_dir/log.txt`` and the ``optembed_ext.train.trainer`` logger."""
+        """Log a line to ``run_dir/log.txt`` and the ``optembed_ext.train.trainer`` logger (rank 0 only when data
+        parallel)."""
+        if self.rank != 0:
+            logger.debug(msg)
+            return
         logger.info(msg)
         append_log(self.run_dir, msg)
 
@@ -130,13 +155,19 @@ class Trainer:
     def _train_iter(self, epoch: int, skip: int):
         cfg = self.config
         n = len(self.data.train)
-        # a last batch of one sample breaks batch norm in training mode: drop it
-        drop_last = n % cfg.batch_size == 1 and n > 1
+        # a last batch of one sample breaks batch norm in training mode: drop it (data parallel: a last batch that
+        # would leave a rank fewer than two rows)
+        rem = n % cfg.batch_size
+        drop_last = 1 <= rem <= 2 * self.world_size - 1 and n > rem
         num = n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
         if cfg.max_steps_per_epoch is not None:
             num = min(num, cfg.max_steps_per_epoch)
-        it = batches(self.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
-        return itertools.islice(it, skip, num), num
+        part = (self.rank, self.world_size) if self.world_size > 1 else None
+        it = batches(self.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last,
+                     part=part)
+        stop = n - rem if drop_last else n
+        sizes = (min(cfg.batch_size, stop - k * cfg.batch_size) for k in itertools.count())
+        return itertools.islice(zip(it, sizes), skip, num), num
 
     def next_val_batch(self):
         """The next validation batch ``(ids, labels)`` on the trainer's device, cycling (reshuffled each cycle)
@@ -169,6 +200,10 @@ class Trainer:
         split = self._split(split)
         was_training = self.model.training
         self.model.eval()
+        full = split
+        if self.world_size > 1:  # this rank's contiguous block; predictions and labels gathered below
+            lo, hi = dist_utils.shard_bounds(len(full))
+            split = CTRSplit(full.X[lo:hi], full.y[lo:hi])
         probs = []
         num_batches = 0
         sync = self.device.type == "cuda"
@@ -181,10 +216,15 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
         self.model.train(was_training)
         y = np.asarray(split.y, dtype=np.float64)
+        p = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float64)
+        if self.world_size > 1:
+            counts = [hi - lo for lo, hi in (dist_utils.shard_bounds(len(full), self.world_size, r)
+                                             for r in range(self.world_size))]
+            p, y = dist_utils.gather_rows(p, counts), dist_utils.gather_rows(y, counts)
+            num_batches = int(dist_utils.all_reduce_sum([num_batches])[0])
         if num_batches == 0:
             return {"auc": math.nan, "logloss": math.nan, "seconds": timer.seconds, "seconds_per_batch": math.nan,
                     "num_batches": 0, "num_samples": 0}
-        p = torch.cat(probs).numpy()
         auc = roc_auc(y, p) if y.min() != y.max() else math.nan
         return {"auc": auc, "logloss": log_loss(y, p), "seconds": timer.seconds,
                 "seconds_per_batch": timer.seconds / num_batches, "num_batches": num_batches,
@@ -243,8 +283,8 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
-        """Write ``run_dir/checkpoint.pt`` atomically (no-op without a run_dir)."""
-        if self.checkpoint_path is not None:
+        """Write ``run_dir/checkpoint.pt`` atomically (no-op without a run_dir, and on ranks other than 0)."""
+        if self.checkpoint_path is not None and self.rank == 0:
             save_checkpoint(self.checkpoint_path, self.state_dict())
 
     # ------------------------------------------------------------------------------------------ fit
@@ -269,7 +309,8 @@ class Trainer:
         """
         cfg = self.config
         path = self.checkpoint_path
-        resuming = bool(resume and path is not None and path.exists())
+        # data parallel: rank 0 decides, so that every rank resumes (or starts) together
+        resuming = dist_utils.broadcast_object(bool(resume and path is not None and path.exists()))
         with self._determinism():
             if not resuming:
                 self._reset_state()
@@ -320,6 +361,7 @@ class Trainer:
         if num == 0:
             raise ValueError(f"no training batch: {len(self.data.train)} samples, batch_size {cfg.batch_size}")
         model, optimizer, emb = self.model, self.optimizer, self.model.embedding
+        ddp = self._ddp
         model.train()
         progress = None
         if cfg.progress:
@@ -327,17 +369,28 @@ class Trainer:
             progress = tqdm(total=num, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False)
         start = time.perf_counter()
         seconds_before = self._epoch_seconds
-        for ids, labels in it:
+        for (ids, labels), global_batch in it:
             ids = ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             self.current_batch = (ids, labels)
+            lo, hi = dist_utils.shard_bounds(global_batch, self.world_size, self.rank)
+            self.batch_shard = (lo, hi, global_batch)
             model.train()
             for cb in self.callbacks:
                 cb.on_batch_begin(self, ids, labels)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(ids)
-            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) + emb.regularization()
-            loss.backward()
+            if ddp is None:
+                logits = model(ids)
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) + emb.regularization()
+                loss.backward()
+            else:
+                ddp.train()
+                logits, reg = ddp(ids)
+                bce_sum = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+                # DDP averages over ranks: sum / global batch * world size averages to the global batch's mean
+                (bce_sum * (self.world_size / global_batch) + reg).backward()
+                total = dist_utils.all_reduce_sum([float(bce_sum.detach())])[0]
+                loss = torch.as_tensor(total / global_batch + float(reg.detach()))
             for cb in self.callbacks:
                 cb.on_after_backward(self)
             if cfg.grad_clip is not None:
@@ -428,6 +481,18 @@ class Trainer:
                  f"test_auc {test['auc']:.6f} test_logloss {test['logloss']:.6f} params {stats['num_params']} "
                  f"sparsity {stats['sparsity']:.4f}")
         self.save_checkpoint()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.rank == 0:
             save_json(self.run_dir / "metrics.json", self.result)
         return self.result
+
+
+class _ForwardWithRegularization(nn.Module):
+    """``ids -> (logits, model.embedding.regularization())``: the module DistributedDataParallel wraps, so that the
+    parameters of the regularization term are reduced with the others."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor):
+        return self.model(ids), self.model.embedding.regularization()

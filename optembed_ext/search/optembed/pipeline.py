@@ -26,6 +26,9 @@ Each phase works in ``out_dir/phases/<name>/`` and writes ``done.json`` (its met
 a rerun with the same ``out_dir`` skips finished phases, resumes a training phase from its trainer checkpoint and
 the evolution from its last finished generation. The initial weights of all OptEmbed models (and of the uniform model's shared
 parameters) are saved once in ``out_dir/init_state.pt`` before the first phase.
+
+Under ``torchrun`` every rank runs every phase (training data-parallel, the search's candidates split across
+ranks); rank 0 alone writes the run folder, and every rank reads back what it wrote after a barrier.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from ...nn.optembed import OptEmbedEmbedding
 from ...results import RESULT_FILE, build_optembed_model as _build_optembed_model
 from ...results import build_retrained_model, load_search_result  # noqa: F401  (re-exported)
 from ...results import read_json, save_search_result, write_json
+from ...train import distributed as dist_utils
 from ...train.checkpoint import (RESUME_HINT, RunFolderError, check_fingerprint, dataset_fingerprint,
                                  load_run_file, read_run_json)
 from ..evolution import EvolutionSearch, measure_speedup
@@ -95,6 +99,20 @@ def _fit_summary(result: dict) -> dict:
     return {k: result[k] for k in keep if k in result}
 
 
+class _ShardedSupernetCallback(OptEmbedSupernetCallback):
+    """The supernet schedule under data parallelism: the per-sample dims are drawn for the whole global batch
+    (the same draws as in one process) and this rank keeps the rows it holds (``trainer.batch_shard``)."""
+
+    def on_batch_begin(self, trainer, ids, labels) -> None:
+        shard = getattr(trainer, "batch_shard", None)
+        if not self.sample_dims or shard is None or shard[1] - shard[0] == shard[2]:
+            return super().on_batch_begin(trainer, ids, labels)
+        lo, hi, global_batch = shard
+        dims = torch.randint(1, self.embedding.embed_dim + 1, (global_batch, self.embedding.num_fields),
+                             generator=self.generator)
+        self.embedding.set_dims(dims[lo:hi])
+
+
 # =========================================================================== the pipeline
 class OptEmbedRun:
     """Stateful runner behind :func:`run_optembed`; every phase is a method that skips itself when done."""
@@ -118,12 +136,15 @@ class OptEmbedRun:
         self.model_name = model_name
         self.config = config
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            self.clear()
-        (self.out / "phases").mkdir(exist_ok=True)
-        check_fingerprint(self.out / "phases", self.fingerprint(), what="OptEmbed run")
-        self._log_file = open(self.out / "log.txt", "a")
+        self.main = dist_utils.is_main()  # data parallel: only rank 0 writes the run folder
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self.clear()
+            (self.out / "phases").mkdir(exist_ok=True)
+            check_fingerprint(self.out / "phases", self.fingerprint(), what="OptEmbed run")
+        dist_utils.barrier()
+        self._log_file = open(self.out / "log.txt", "a") if self.main else None
         self._user_log = log
         self.device = torch.device(config.device)
 
@@ -145,6 +166,8 @@ class OptEmbedRun:
                 p.unlink()
 
     def log(self, msg: str) -> None:
+        if not self.main:
+            return
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")
         line = f"[{stamp}] {msg}"
         self._log_file.write(line + "\n")
@@ -153,7 +176,8 @@ class OptEmbedRun:
             self._user_log(line)
 
     def close(self) -> None:
-        self._log_file.close()
+        if self._log_file is not None:
+            self._log_file.close()
 
     def phase_dir(self, name: str) -> Path:
         d = self.out / "phases" / name
@@ -162,14 +186,18 @@ class OptEmbedRun:
 
     def done(self, name: str) -> dict | None:
         path = self.out / "phases" / name / "done.json"
-        info = read_run_json(path, f"phase record of '{name}'") if path.exists() else None
+        # rank 0 reads and tells the others, so that every rank skips (or runs) the phase together
+        info = dist_utils.broadcast_object(read_run_json(path, f"phase record of '{name}'") if self.main and
+                                           path.exists() else None)
         if info is not None and not isinstance(info, dict):
             raise RunFolderError(f"phase record of '{name}' {path} is not a mapping; {RESUME_HINT}")
         return info
 
     def finish(self, name: str, info: dict) -> dict:
         info = dict(info, phase=name)
-        write_json(self.phase_dir(name) / "done.json", info)
+        if self.main:
+            write_json(self.phase_dir(name) / "done.json", info)
+        dist_utils.barrier()  # what rank 0 wrote during the phase is readable by every rank from here on
         self.log(f"[{name}] done in {info.get('seconds', float('nan')):.1f}s")
         return info
 
@@ -181,12 +209,13 @@ class OptEmbedRun:
     def init_state(self) -> dict:
         """Initial weights of the OptEmbed model, saved once before the first phase (lottery-ticket retraining)."""
         path = self.out / "init_state.pt"
-        if not path.exists():
+        if self.main and not path.exists():
             torch.manual_seed(self.config.seed)
             model = build_optembed_model(self.model_name, self.fmap, self.config)
             tmp = path.with_name(path.name + ".tmp")
             torch.save(model.state_dict(), tmp)
             tmp.replace(path)
+        dist_utils.barrier()
         return load_run_file(path, "initial weights", weights_only=True)
 
     def _load_init(self, model, fresh_seed: int | None = None) -> None:
@@ -245,7 +274,7 @@ class OptEmbedRun:
         torch.manual_seed(self.config.seed)
         model = build_optembed_model(self.model_name, self.fmap, self.config, prune_rows=prune_rows)
         self._load_init(model)
-        cb = OptEmbedSupernetCallback(model.embedding, sample_dims=sample_dims, seed=self.config.seed)
+        cb = _ShardedSupernetCallback(model.embedding, sample_dims=sample_dims, seed=self.config.seed)
         result, seconds = self._fit(name, model, self.epochs("supernet"), callbacks=[cb])
         emb = model.embedding
         row_mask = cb.best_row_mask if cb.best_row_mask is not None else emb.row_mask().cpu()
@@ -253,8 +282,9 @@ class OptEmbedRun:
         if not torch.equal(current, row_mask):
             self.log(f"[{name}] note: the restored best state's row mask differs from the best epoch's in "
                      f"{int((current != row_mask).sum())} rows; using the best epoch's")
-        torch.save({"state_dict": model.state_dict(), "row_mask": row_mask, "history": cb.history},
-                   self.phase_dir(name) / "supernet.pt")
+        if self.main:
+            torch.save({"state_dict": model.state_dict(), "row_mask": row_mask, "history": cb.history},
+                       self.phase_dir(name) / "supernet.pt")
         counts = torch.zeros(self.fmap.num_fields, dtype=torch.long)
         counts.index_add_(0, emb.field_of_row.cpu(), row_mask.long())
         thresholds = emb.threshold.detach().cpu().tolist() if emb.threshold is not None else None
@@ -321,7 +351,8 @@ class OptEmbedRun:
         self._load_init(model, fresh_seed)
         model.embedding.freeze(row_mask, field_dims)
         result, seconds = self._fit(name, model, self.epochs("retrain"))
-        torch.save(model.state_dict(), self.phase_dir(name) / "model.pt")
+        if self.main:
+            torch.save(model.state_dict(), self.phase_dir(name) / "model.pt")
         return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
                                   "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
                                   "seconds": seconds, "compact_bytes": self.compact_bytes(model),
@@ -334,6 +365,9 @@ class OptEmbedRun:
         info = self.done(name)
         if info is not None:
             return info
+        if not self.main:
+            dist_utils.barrier()  # the one in rank 0's finish()
+            return read_json(self.phase_dir(name) / "done.json")
         from ...export import export_run
 
         t0 = time.perf_counter()
@@ -405,24 +439,29 @@ class OptEmbedRun:
             "speedup": evo.get("speedup"), "config": c.to_dict(),
             "wall_seconds_this_run": time.perf_counter() - t_start,
         }
-        write_json(self.out / "field_dims.json", {n: int(d) for n, d in zip(self.fmap.field_names, m_d)})
-        write_json(self.out / "kept_rows.json", {n: {"kept": int(k), "total": int(t)} for n, k, t in
-                                                  zip(self.fmap.field_names, sup["kept_rows_per_field"],
-                                                      self.fmap.cardinalities)})
         masks = {"row_mask": m_e, "field_dims": [int(d) for d in m_d]}
         if c.ablations:  # the masks of OptEmbed-E (rows only) and OptEmbed-D (dims only)
             masks["row_mask_e"] = self._row_mask_of(sup_e)
             masks["field_dims_d"] = [int(d) for d in evo_d["best_dims"]]
-        torch.save(masks, self.out / "masks.pt")
+        if self.main:
+            write_json(self.out / "field_dims.json", {n: int(d) for n, d in zip(self.fmap.field_names, m_d)})
+            write_json(self.out / "kept_rows.json", {n: {"kept": int(k), "total": int(t)} for n, k, t in
+                                                      zip(self.fmap.field_names, sup["kept_rows_per_field"],
+                                                          self.fmap.cardinalities)})
+            torch.save(masks, self.out / "masks.pt")
         if c.retrain:
-            self._save_result(m_e, m_d, variants.get("optembed", {}))
+            if self.main:
+                self._save_result(m_e, m_d, variants.get("optembed", {}))
+            dist_utils.barrier()
             if c.export:
                 phases["export"] = result["export"] = self.phase_export()
                 result["phase_seconds"]["export"] = float(phases["export"].get("seconds", 0.0))
         from ..report import write_report
 
-        result["report"] = str(write_report(self.out, result))
-        write_json(self.out / "metrics.json", result)
+        if self.main:
+            result["report"] = str(write_report(self.out, result))
+            write_json(self.out / "metrics.json", result)
+        result["report"] = dist_utils.broadcast_object(result.get("report"))
         return result
 
     def _variant(self, info: dict, phase_names: list[str], phases: dict) -> dict:
