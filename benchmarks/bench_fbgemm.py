@@ -8,7 +8,11 @@ Ours: ``ops.masked_embedding(sparse=True)`` + :class:`optembed_ext.optim.SparseS
 
 ``fused_plain``   no threshold, full dims: the same computation as FBGEMM's
 ``fused_masked``  the OptEmbed supernet lookup (per-field thresholds, p = 1, random per-sample dims), thresholds
-                  stepped by ``torch.optim.SGD`` -- target: within 1.5x of FBGEMM's time (speedup >= 0.67)
+                  stepped by ``torch.optim.SGD``
+``bwd_plain``     as ``fused_plain``, with the optimizer applied inside the backward
+                  (:class:`optembed_ext.optim.FusedBackwardOptimizer`: no per-lookup gradient rows, as FBGEMM)
+``bwd_masked``    as ``fused_masked``, optimizer inside the backward -- target: within 1.5x of FBGEMM's time
+                  (speedup >= 0.67)
 
 Modes: ``forward`` (inference, ``torch.no_grad()``) and ``fwd_bwd_step`` (forward + backward + fused optimizer).
 Skipped when ``fbgemm_gpu`` is not installed (CPU build: ``pip install fbgemm-gpu-cpu``; CUDA: ``fbgemm-gpu``).
@@ -32,7 +36,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (  # noqa: E4
     ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
 
 SUITE = "fbgemm"
-IMPLS = ("fbgemm", "fused_plain", "fused_masked")  # baseline first
+IMPLS = ("fbgemm", "fused_plain", "fused_masked", "bwd_plain", "bwd_masked")  # baseline first
 OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 LR, EPS = 1e-2, 1e-8
 #: target: fused masked fwd+bwd+step within 1.5x of FBGEMM's fwd+bwd+step
@@ -78,14 +82,18 @@ def tbe_table(tbe, shape: Shape) -> torch.Tensor:
 class Ours:
     """Fused masked lookup + fused sparse optimizer over one (N, D) table (``weight`` is trained in place)."""
 
-    def __init__(self, shape: Shape, optimizer: str, device, weight: torch.Tensor, masked: bool, ids):
+    def __init__(self, shape: Shape, optimizer: str, device, weight: torch.Tensor, masked: bool, ids,
+                 in_backward: bool = False):
         self.ids = ids
         self.weight = weight.requires_grad_(True)
         self.threshold = make_threshold(shape, device).requires_grad_(True) if masked else None
         self.dims = make_dims(shape, device) if masked else None
-        cls = optim.SparseSGD if optimizer == "sgd" else optim.RowWiseAdagrad
         kwargs = {"eps": EPS} if optimizer == "adagrad" else {}
-        self.opts = [cls([self.weight], lr=LR, **kwargs)]
+        if in_backward:
+            self.opts = [optim.FusedBackwardOptimizer([self.weight], kind=optimizer, lr=LR, **kwargs)]
+        else:
+            cls = optim.SparseSGD if optimizer == "sgd" else optim.RowWiseAdagrad
+            self.opts = [cls([self.weight], lr=LR, **kwargs)]
         if masked:
             self.opts.append(torch.optim.SGD([self.threshold], lr=LR))
 
@@ -99,6 +107,11 @@ class Ours:
         for o in self.opts:
             o.step()
 
+    def close(self):
+        for o in self.opts:
+            if isinstance(o, optim.FusedBackwardOptimizer):
+                o.detach()
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
@@ -111,6 +124,8 @@ def test_fbgemm(benchmark, request, device, shape, dist, mode, optimizer, impl):
         pytest.skip("compiled extension not available: ops would fall back to the reference")
     if mode == "forward" and optimizer != "sgd":
         pytest.skip("the forward pass does not depend on the optimizer")
+    if mode == "forward" and impl.startswith("bwd_"):
+        pytest.skip("the same forward pass as fused_plain / fused_masked")
     ids = make_ids(shape, dist, device)
     weight = make_table(shape, device)
     g = torch.Generator().manual_seed(1)
@@ -129,18 +144,22 @@ def test_fbgemm(benchmark, request, device, shape, dist, mode, optimizer, impl):
             def fn():
                 tbe(indices, offsets).backward(flat_grad)
     else:
-        if impl == "fused_plain":
+        in_backward = impl.startswith("bwd_")
+        if impl in ("fused_plain", "bwd_plain"):
             # Correctness gate: same lookup and the same optimizer step as FBGEMM's.
             tbe = make_tbe(shape, optimizer, device, weight)
             indices, offsets = tbe_inputs(shape, ids)
-            ours = Ours(shape, optimizer, device, weight.clone(), masked=False, ids=ids)
+            ours = Ours(shape, optimizer, device, weight.clone(), masked=False, ids=ids, in_backward=in_backward)
             assert_close(ours.forward().detach(), tbe(indices, offsets).detach().view_as(grad_out),
                          "forward output vs FBGEMM")
             tbe(indices, offsets).backward(grad_out.reshape(shape.batch, -1))
             ours.step(grad_out)
             assert_close(ours.weight.detach(), tbe_table(tbe, shape), f"table after one {optimizer} step vs FBGEMM")
+            ours.close()
             del tbe, ours
-        ours = Ours(shape, optimizer, device, weight, masked=impl == "fused_masked", ids=ids)
+        ours = Ours(shape, optimizer, device, weight, masked=impl.endswith("_masked"), ids=ids,
+                    in_backward=in_backward)
+        request.addfinalizer(ours.close)
         if mode == "forward":
             def fn():
                 with torch.no_grad():
@@ -150,7 +169,7 @@ def test_fbgemm(benchmark, request, device, shape, dist, mode, optimizer, impl):
                 ours.step(grad_out)
 
     fn()  # warm-up
-    target = TARGET if (impl == "fused_masked" and mode == "fwd_bwd_step") else None
+    target = TARGET if (impl == "bwd_masked" and mode == "fwd_bwd_step") else None
     case = f"{mode} {optimizer} {shape.name} {dist}" if mode != "forward" else f"forward {shape.name} {dist}"
     run_case(benchmark, request, fn, suite=SUITE, case=case, device=device, impl=impl, baseline="fbgemm",
              nbytes=tbe_bytes(shape, mode, optimizer, n_unique), target=target,

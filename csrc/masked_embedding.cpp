@@ -48,6 +48,8 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "row_update.h"
+#include "sparse_row_update.h"
 
 #include <algorithm>
 #include <atomic>
@@ -56,6 +58,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -344,13 +347,24 @@ inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restr
     }
     const acc_t h = step_ste_grad(x);  // NaN for NaN x, 0 for |x| > 1 (also +-inf: no STE term at all)
     if (h != acc_t(0)) {
-      acc_t s = 0;
+      // s = sum_{j<k} g[j] * (w[j] - oov[j]) with 8 independent partial sums (a single running sum is a serial
+      // dependency chain the compiler may not reorder without -ffast-math)
+      acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t j = 0;
       if (oov_row != nullptr) {
-        for (int64_t j = 0; j < k; ++j)
-          s += static_cast<acc_t>(g[j]) * (static_cast<acc_t>(w[j]) - static_cast<acc_t>(oov_row[j]));
+        for (; j + 8 <= k; j += 8) {
+          for (int u = 0; u < 8; ++u)
+            part[u] += static_cast<acc_t>(g[j + u]) *
+                       (static_cast<acc_t>(w[j + u]) - static_cast<acc_t>(oov_row[j + u]));
+        }
+        for (; j < k; ++j) part[0] += static_cast<acc_t>(g[j]) * (static_cast<acc_t>(w[j]) - static_cast<acc_t>(oov_row[j]));
       } else {
-        for (int64_t j = 0; j < k; ++j) s += static_cast<acc_t>(g[j]) * static_cast<acc_t>(w[j]);
+        for (; j + 8 <= k; j += 8) {
+          for (int u = 0; u < 8; ++u) part[u] += static_cast<acc_t>(g[j + u]) * static_cast<acc_t>(w[j + u]);
+        }
+        for (; j < k; ++j) part[0] += static_cast<acc_t>(g[j]) * static_cast<acc_t>(w[j]);
       }
+      const acc_t s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
       sh = s * h;
     }
   }
@@ -473,9 +487,12 @@ void sort_lookups_by_row(const index_t* __restrict__ idx, int64_t L, int64_t N, 
 // Dense: grad_weight arrives zero-filled (lazily, see zeros_lazy_cpu); the lookups are sorted by row and each
 // touched row is summed (ascending lookup order) and written exactly once. Work is split over the sorted lookups,
 // so a very frequent row does not unbalance the threads.
-template <typename scalar_t, typename index_t, int P, bool kThr>
-void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ gw,
-                           at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+// `sink(r, acc, tmp)` receives each touched row r with its summed gradient acc (D entries, may be modified) and D
+// scratch entries: the dense backward stores it into grad_weight[r], the fused update applies the optimizer to
+// weight[r] in place (the row is read by its own lookups first, and no other thread touches it).
+template <typename scalar_t, typename index_t, int P, bool kThr, typename Sink>
+void backward_sorted_kernel(const Problem& pr, const BackwardPtrs& ptr, at::opmath_type<scalar_t>* __restrict__ sh_buf,
+                            const void* prefetch_dst, Sink&& sink) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto* g = static_cast<const scalar_t*>(ptr.g);
   const auto* w = static_cast<const scalar_t*>(ptr.w);
@@ -498,11 +515,11 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
     prefetch_row(g + static_cast<int64_t>(ord[q]) * D, row_bytes, false);
     if (q == 0 || key[q] != key[q - 1]) {
       prefetch_row(w + key[q] * D, row_bytes, false);
-      prefetch_row(gw + key[q] * D, row_bytes, true);
+      if (prefetch_dst != nullptr) prefetch_row(static_cast<const scalar_t*>(prefetch_dst) + key[q] * D, row_bytes, true);
     }
   };
   at::parallel_for(0, L, grain_for(D), [&](int64_t q0, int64_t q1) {
-    std::vector<acc_t> acc(static_cast<size_t>(D));
+    std::vector<acc_t> acc(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
     // this chunk owns the rows whose first sorted lookup lies in [q0, q1)
     int64_t q = q0;
     while (q > 0 && q < q1 && key[q] == key[q - 1]) ++q;
@@ -526,8 +543,33 @@ void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t*
         }
       }
       if constexpr (kThr) add_norm_term<P>(wr, D, sh_sum, n, acc.data());
-      store_row(gw + r * D, acc.data(), D);
+      sink(r, acc.data(), tmp.data());
     }
+  });
+}
+
+template <typename scalar_t, typename index_t, int P, bool kThr>
+void backward_dense_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ gw,
+                           at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = pr.D;
+  backward_sorted_kernel<scalar_t, index_t, P, kThr>(pr, ptr, sh_buf, gw, [&](int64_t r, acc_t* acc, acc_t*) {
+    store_row(gw + r * D, acc, D);
+  });
+}
+
+// Fused backward + optimizer: as the dense backward, but each touched row's summed gradient updates the row (and its
+// optimizer state) in place instead of being stored; no (N, D) or (B*F, D) gradient exists at any point.
+template <typename scalar_t, typename index_t, int P, bool kThr, RowOptimizer kOpt>
+void backward_update_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ w,
+                            at::opmath_type<scalar_t>* __restrict__ s1, at::opmath_type<scalar_t>* __restrict__ s2,
+                            const RowUpdateParams<at::opmath_type<scalar_t>>& hp,
+                            at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = pr.D;
+  backward_sorted_kernel<scalar_t, index_t, P, kThr>(pr, ptr, sh_buf, nullptr, [&](int64_t r, acc_t* acc, acc_t* tmp) {
+    if constexpr (kOpt == RowOptimizer::kAdagrad) prefetch_row(s1 + r, 1, true);
+    apply_row_update<kOpt>(w + r * D, acc, r, D, s1, s2, tmp, hp);
   });
 }
 
@@ -652,6 +694,85 @@ std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
   return {grad_weight, grad_t, grad_oov};
 }
 
+// Fused backward + optimizer step (masked_embedding_backward_update): the gradient of `weight` is never formed; each
+// touched row is updated in place once (sorted by row, summed in ascending lookup order: deterministic at any thread
+// count) with sparse_row_update's rules (csrc/row_update.h). Returns (grad_threshold, grad_oov) as the backward.
+// Invalid ids raise IndexError before anything is written.
+std::tuple<Tensor, Tensor> masked_embedding_backward_update_cpu(
+    const Tensor& grad_out, Tensor weight, const Tensor& indices, const Tensor& norm,
+    const std::optional<Tensor>& threshold, const std::optional<Tensor>& dims, int64_t p,
+    const std::optional<Tensor>& oov_weight, std::optional<Tensor> state1, std::optional<Tensor> state2,
+    c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2, double weight_decay,
+    int64_t step) {
+  const char* op = "masked_embedding_backward_update";
+  const Problem pr = check_common(weight, indices, threshold, dims, p, oov_weight, op);
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous (it is updated in place)");
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == pr.B && grad_out.size(1) == pr.F &&
+                  grad_out.size(2) == pr.D,
+              op, ": grad_out must have shape (B, F, D) = (", pr.B, ", ", pr.F, ", ", pr.D, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " must match weight dtype ", weight.scalar_type());
+  OPTEMBED_CHECK_SAME_DEVICE(grad_out, weight, "grad_out", "weight");
+  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == pr.B && norm.size(1) == pr.F, op,
+              ": norm must have shape (B, F) = (", pr.B, ", ", pr.F, "), got ", norm.sizes());
+  OPTEMBED_CHECK_SAME_DEVICE(norm, weight, "norm", "weight");
+  const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
+  const Tensor g = grad_out.contiguous();
+  // the optimizer name, state shapes / dtypes and hyper-parameters follow sparse_row_update's rules
+  sparse_row_update_check(weight, indices.reshape({-1}), g.view({-1, pr.D}), state1, state2, optimizer, lr, eps,
+                          beta1, beta2, weight_decay, step);
+  const RowOptimizer opt = parse_optimizer(optimizer);
+  const int64_t L = pr.B * pr.F;
+  TORCH_CHECK(L < std::numeric_limits<int32_t>::max(), op, ": B * F = ", L, " lookups exceed the int32 range");
+  const at::ScalarType acc = norm_dtype_for(weight.scalar_type());
+  Tensor grad_t = threshold.has_value() ? at::empty({pr.F}, threshold->options()) : at::empty({0}, weight.options());
+  Tensor grad_oov = oov_weight.has_value() ? at::zeros({pr.F, pr.D}, weight.options()) : at::empty({0}, weight.options());
+  if (L == 0) {
+    grad_t.zero_();
+    return {grad_t, grad_oov};
+  }
+  const Tensor idx = indices.contiguous();
+  const Tensor nrm = norm.to(acc).contiguous();
+  const Tensor thr = prepare_threshold(threshold, acc, op, /*check_nan=*/false);
+  const Tensor d = prepare_dims(dims);
+  const Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : Tensor();
+  const Tensor sh = thr.defined() ? at::empty({L}, weight.options().dtype(acc)) : Tensor();
+  const Tensor gt_acc = thr.defined() ? at::empty({pr.F}, weight.options().dtype(acc)) : Tensor();
+
+  OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "masked_embedding_backward_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardPtrs ptr{g.const_data_ptr(),
+                           weight.const_data_ptr(),
+                           idx.const_data_ptr(),
+                           nrm.const_data_ptr(),
+                           thr.defined() ? thr.const_data_ptr() : nullptr,
+                           d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
+                           oov.defined() ? oov.const_data_ptr() : nullptr};
+    acc_t* sh_ptr = sh.defined() ? sh.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* s1 = (state1.has_value() && state1->defined()) ? state1->mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* s2 = (state2.has_value() && state2->defined()) ? state2->mutable_data_ptr<acc_t>() : nullptr;
+    const RowUpdateParams<acc_t> hp(opt, lr, eps, beta1, beta2, weight_decay, step);
+    // grad_threshold / grad_oov read only grad_out, the norms and the per-lookup STE scalars, never the updated rows.
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "indices", [&] {
+      OPTEMBED_P_SWITCH(p, kP, [&] {
+        OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
+          OPTEMBED_ROW_OPTIMIZER_SWITCH(opt, kOpt, [&] {
+            backward_update_kernel<scalar_t, index_t, kP, kThr, kOpt>(pr, ptr, weight.mutable_data_ptr<scalar_t>(),
+                                                                      s1, s2, hp, sh_ptr);
+          });
+        });
+      });
+    });
+    if (thr.defined() || oov.defined()) {
+      field_reduce_kernel<scalar_t>(pr, ptr, sh_ptr, gt_acc.defined() ? gt_acc.mutable_data_ptr<acc_t>() : nullptr,
+                                    oov.defined() ? grad_oov.mutable_data_ptr<scalar_t>() : nullptr);
+    }
+  });
+  if (thr.defined()) grad_t.copy_(gt_acc);
+  return {grad_t, grad_oov};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optembed, m) {
@@ -662,11 +783,19 @@ TORCH_LIBRARY_FRAGMENT(optembed, m) {
       "masked_embedding_backward(Tensor grad_out, Tensor weight, Tensor indices, Tensor norm, Tensor? threshold, "
       "Tensor? dims, int p, Tensor? oov_weight, bool deterministic, bool sparse) "
       "-> (Tensor grad_weight, Tensor grad_threshold, Tensor grad_oov)");
+  // The backward with the optimizer step fused in: updates weight (and state1 / state2) in place with
+  // sparse_row_update's rules instead of returning its gradient.
+  m.def(
+      "masked_embedding_backward_update(Tensor grad_out, Tensor(a!) weight, Tensor indices, Tensor norm, "
+      "Tensor? threshold, Tensor? dims, int p, Tensor? oov_weight, Tensor(b!)? state1, Tensor(c!)? state2, "
+      "str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, int step) "
+      "-> (Tensor grad_threshold, Tensor grad_oov)");
 }
 
 TORCH_LIBRARY_IMPL(optembed, CPU, m) {
   m.impl("masked_embedding_forward", &masked_embedding_forward_cpu);
   m.impl("masked_embedding_backward", &masked_embedding_backward_cpu);
+  m.impl("masked_embedding_backward_update", &masked_embedding_backward_update_cpu);
 }
 
 }  // namespace optembed

@@ -60,31 +60,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
 #include "common.h"
+#include "row_update.h"
 #include "sparse_row_update.h"
 
 namespace optembed {
 namespace {
-
-// out[j] = sqrt(in[j]); explicit SIMD because std::sqrt loops do not vectorise under -fmath-errno.
-inline void sqrt_row(const float* in, float* out, int64_t n) {
-  int64_t j = 0;
-#if defined(__SSE2__)
-  for (; j + 4 <= n; j += 4) _mm_storeu_ps(out + j, _mm_sqrt_ps(_mm_loadu_ps(in + j)));
-#endif
-  for (; j < n; ++j) out[j] = std::sqrt(in[j]);
-}
-inline void sqrt_row(const double* in, double* out, int64_t n) {
-  int64_t j = 0;
-#if defined(__SSE2__)
-  for (; j + 2 <= n; j += 2) _mm_storeu_pd(out + j, _mm_sqrt_pd(_mm_loadu_pd(in + j)));
-#endif
-  for (; j < n; ++j) out[j] = std::sqrt(in[j]);
-}
 
 // Stable LSD radix sort of positions 0..M-1 by key = indices[pos] in [0, N). Returns the sorted positions in
 // `order` and the keys in the same order in `keys`. With `check`, raises IndexError on the first out-of-range
@@ -143,16 +124,7 @@ void apply_updates(scalar_t* w, const scalar_t* grad, at::opmath_type<scalar_t>*
                    const std::vector<int64_t>& seg_start, int64_t D, double lr_d, double eps_d, double beta1_d,
                    double beta2_d, double wd_d, int64_t step) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t lr = static_cast<acc_t>(lr_d), eps = static_cast<acc_t>(eps_d), wd = static_cast<acc_t>(wd_d);
-  const acc_t beta1 = static_cast<acc_t>(beta1_d), beta2 = static_cast<acc_t>(beta2_d);
-  acc_t step_size = lr, inv_sqrt_bc2 = acc_t(1);
-  if constexpr (kOpt == RowOptimizer::kAdam) {
-    const double bc1 = 1.0 - std::pow(beta1_d, static_cast<double>(step));
-    const double bc2 = 1.0 - std::pow(beta2_d, static_cast<double>(step));
-    step_size = static_cast<acc_t>(lr_d / bc1);
-    inv_sqrt_bc2 = static_cast<acc_t>(1.0 / std::sqrt(bc2));
-  }
-  const bool has_wd = wd_d != 0.0;
+  const RowUpdateParams<acc_t> hp(kOpt, lr_d, eps_d, beta1_d, beta2_d, wd_d, step);
   const int64_t U = static_cast<int64_t>(seg_start.size()) - 1;
   // Grain: enough rows per task to amortise scheduling, while keeping both cores busy for small M.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1));
@@ -194,31 +166,7 @@ void apply_updates(scalar_t* w, const scalar_t* grad, at::opmath_type<scalar_t>*
           for (int64_t j = 0; j < D; ++j) g[j] += static_cast<acc_t>(gk[j]);
         }
       }
-      if (has_wd) {
-        for (int64_t j = 0; j < D; ++j) g[j] += wd * static_cast<acc_t>(wr[j]);
-      }
-      if constexpr (kOpt == RowOptimizer::kSGD) {
-        for (int64_t j = 0; j < D; ++j) wr[j] = static_cast<scalar_t>(static_cast<acc_t>(wr[j]) - lr * g[j]);
-      } else if constexpr (kOpt == RowOptimizer::kAdagrad) {
-        acc_t sq = acc_t(0);
-        for (int64_t j = 0; j < D; ++j) sq += g[j] * g[j];
-        const acc_t acc = s1[r] + sq / static_cast<acc_t>(D);
-        s1[r] = acc;
-        const acc_t mult = lr / (std::sqrt(acc) + eps);
-        for (int64_t j = 0; j < D; ++j) wr[j] = static_cast<scalar_t>(static_cast<acc_t>(wr[j]) - mult * g[j]);
-      } else {
-        acc_t* m = s1 + r * D;
-        acc_t* v = s2 + r * D;
-        for (int64_t j = 0; j < D; ++j) {
-          m[j] = beta1 * m[j] + (acc_t(1) - beta1) * g[j];
-          v[j] = beta2 * v[j] + (acc_t(1) - beta2) * g[j] * g[j];
-        }
-        sqrt_row(v, t, D);
-        for (int64_t j = 0; j < D; ++j) {
-          const acc_t denom = t[j] * inv_sqrt_bc2 + eps;
-          wr[j] = static_cast<scalar_t>(static_cast<acc_t>(wr[j]) - step_size * m[j] / denom);
-        }
-      }
+      apply_row_update<kOpt>(wr, g, r, D, s1, s2, t, hp);
     }
   });
 }

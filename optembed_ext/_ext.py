@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAS_EXTENSION", "IMPORT_ERROR", "build_info", "extension", "warn_fallback_once", "env_use_reference"]
+__all__ = ["HAS_EXTENSION", "IMPORT_ERROR", "build_info", "extension", "warn_fallback_once", "env_use_reference",
+           "cuda_required"]
 
 _C: Any = None
 IMPORT_ERROR: BaseException | None = None
@@ -34,6 +35,12 @@ def extension() -> Any:
 def env_use_reference() -> bool:
     """True when ``OPTEMBED_USE_REFERENCE`` asks for the pure-PyTorch reference implementations."""
     return os.environ.get("OPTEMBED_USE_REFERENCE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cuda_required() -> bool:
+    """True when ``OPTEMBED_REQUIRE_CUDA=1``: an op on CUDA tensors without its compiled CUDA kernel raises instead
+    of falling back to the reference (set by scripts/gpu_check.py and for GPU CI runs)."""
+    return os.environ.get("OPTEMBED_REQUIRE_CUDA", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def warn_fallback_once() -> None:
@@ -59,6 +66,7 @@ def build_info() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "use_reference_env": env_use_reference(),
+        "cuda_required": cuda_required(),
     }
     if _C is None:
         info["import_error"] = f"{type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}" if IMPORT_ERROR else None

@@ -47,7 +47,7 @@ from . import _ext
 from . import reference as _ref
 
 __all__ = ["masked_embedding", "row_mask", "compact_embedding", "sparse_row_update", "use_reference",
-           "has_kernel"]
+           "has_kernel", "COMPILED_OPS", "RowUpdate", "fuse_update", "fused_update_of"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -72,8 +72,9 @@ def use_reference(flag: Optional[bool] = None) -> bool:
 # (op, device type) -> whether the compiled extension has a kernel; filled once at import (plain dict lookups
 # keep the dispatch decision traceable by torch.compile).
 _KERNELS: dict[tuple[str, str], bool] = {}
-_COMPILED_OPS = ("masked_embedding_forward", "masked_embedding_backward", "row_mask", "compact_embedding_forward",
-                 "compact_embedding_backward", "sparse_row_update")
+COMPILED_OPS = ("masked_embedding_forward", "masked_embedding_backward", "masked_embedding_backward_update",
+                "row_mask", "compact_embedding_forward", "compact_embedding_backward", "sparse_row_update")
+_COMPILED_OPS = COMPILED_OPS
 
 
 def _scan_kernels() -> None:
@@ -87,18 +88,29 @@ def _scan_kernels() -> None:
         _KERNELS[(op, "meta")] = True  # fake kernels (register_fake)
 
 
-def has_kernel(op: str, device: torch.device) -> bool:
-    """Whether the compiled extension has a kernel of ``optembed::<op>`` for ``device`` (e.g. CUDA builds)."""
-    return _KERNELS.get((op, device.type), False)
+def has_kernel(op: str, device) -> bool:
+    """Whether the compiled extension has a kernel of ``optembed::<op>`` (a name of :data:`COMPILED_OPS`) for
+    ``device`` (a ``torch.device`` or its type, ``"cpu"`` / ``"cuda"``)."""
+    device_type = device if isinstance(device, str) else device.type
+    return _KERNELS.get((op, device_type), False)
 
 
 def _reference_path(op: str, device: torch.device) -> bool:
     if use_reference():
         return True
     if not _ext.HAS_EXTENSION:
+        if device.type == "cuda" and _ext.cuda_required():
+            raise RuntimeError(f"optembed_ext: OPTEMBED_REQUIRE_CUDA is set but the compiled extension did not load "
+                               f"({_ext.build_info().get('import_error')}); refusing to run {op} on the reference")
         _ext.warn_fallback_once()
         return True
-    return not has_kernel(op, device)
+    if has_kernel(op, device):
+        return False
+    if device.type == "cuda" and _ext.cuda_required():
+        raise RuntimeError(f"optembed_ext: OPTEMBED_REQUIRE_CUDA is set but optembed::{op} has no CUDA kernel in "
+                           f"this build (with_cuda={_ext.build_info().get('with_cuda')}); rebuild with "
+                           "-Ccmake.define.OPTEMBED_WITH_CUDA=ON")
+    return True
 
 
 # ============================================================================================ argument checks
@@ -153,7 +165,7 @@ def _as_dims(dims, weight: Tensor, B: int, nf: int) -> Optional[Tensor]:
 # ============================================================================================ masked_embedding
 def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor] = None, dims=None, p: int = 1,
                      oov_weight: Optional[Tensor] = None, *, check_indices: bool = True, deterministic: bool = False,
-                     sparse: bool = False) -> Tensor:
+                     sparse: bool = False, update: Optional["RowUpdate"] = None) -> Tensor:
     """Fused OptEmbed embedding lookup.
 
     Args:
@@ -167,8 +179,12 @@ def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor
         check_indices: validate ``0 <= indices < N`` inside the kernel (raises ``IndexError`` naming ``indices``),
             ``dims`` in ``[0, D]`` and ``threshold`` not NaN (``ValueError``). With False nothing is checked: an
             out-of-range id gives a zero row, ``dims`` are clamped to ``[0, D]``, a NaN threshold propagates NaN.
-        deterministic: fixed accumulation order in the backward pass (CUDA; the CPU kernel always is).
+        deterministic: fixed accumulation order in the backward pass (CUDA; the CPU kernel always is). Also
+            selected by ``torch.use_deterministic_algorithms(True)``.
         sparse: the gradient of ``weight`` is a sparse COO tensor like ``nn.Embedding(sparse=True)``.
+        update: a :class:`RowUpdate`: the backward applies that optimizer step to the touched rows of ``weight``
+            in place (and returns no gradient for ``weight``), see :func:`fuse_update`. Without it, a table
+            registered with :func:`fuse_update` uses its registered update.
 
     Returns:
         ``(B, F, D)`` tensor of ``weight.dtype``:
@@ -217,6 +233,15 @@ def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor
     _check_bool(deterministic, "deterministic")
     _check_bool(sparse, "sparse")
 
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    if update is None and _FUSED_COUNT[0] and weight.requires_grad and torch.is_grad_enabled():
+        update = _FUSED_UPDATES.get(weight)
+    if update is not None:
+        if not isinstance(update, RowUpdate):
+            raise TypeError(f"update must be an optembed_ext.ops.RowUpdate, got {type(update).__name__}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            return _MaskedEmbeddingUpdate.apply(weight, threshold, oov_weight, indices, dims, p, check_indices,
+                                                update)
     if _reference_path("masked_embedding_forward", weight.device):
         return _ref.masked_embedding(weight, indices, threshold, dims, p, oov_weight, check_indices=check_indices,
                                      deterministic=deterministic, sparse=sparse)
@@ -278,6 +303,124 @@ def _masked_embedding_forward_backward(ctx, grad_out, grad_norm):
 def _masked_embedding_op_backward(ctx, grad_out, grad_norm):
     gw, gt, goov = _masked_embedding_grads(ctx, grad_out, ctx.sparse, ctx.deterministic)
     return gw, None, gt, None, None, goov, None, None, None
+
+
+# ============================================================== masked_embedding with the optimizer in its backward
+class RowUpdate:
+    """An optimizer step applied inside the masked lookup's backward (FBGEMM's fused table-batched backward).
+
+    The backward of :func:`masked_embedding` then updates the touched rows of ``weight`` in place with
+    :func:`sparse_row_update`'s rules -- summed per row (ascending lookup order, deterministic), ``weight_decay``
+    added, SGD / row-wise Adagrad / lazy Adam applied once per row -- without ever forming the table's gradient
+    (neither ``(N, D)`` nor the ``(B * F, D)`` per-lookup rows). ``weight.grad`` stays untouched; the threshold
+    and OOV gradients are returned as usual. ``step`` counts the backward passes (Adam's ``t``).
+
+    Args:
+        weight: the ``(N, D)`` contiguous table (its state is allocated here, in the accumulation dtype).
+        optimizer: ``"sgd"``, ``"adagrad"`` (row-wise) or ``"adam"`` (lazy).
+        lr, eps, betas, weight_decay: as :func:`sparse_row_update`. ``initial_accumulator_value``: Adagrad's
+            starting sum.
+
+    Attributes ``lr``, ``eps``, ``beta1``, ``beta2``, ``weight_decay`` may be changed between steps (schedulers);
+    ``state1`` / ``state2`` are the optimizer state (Adagrad: ``(N,)`` sum; Adam: ``(N, D)`` moments).
+
+    A table used by two lookups in one graph cannot be updated by the first backward (the second still needs the
+    old rows): autograd then raises that a saved tensor was modified in place.
+    """
+
+    def __init__(self, weight: Tensor, optimizer: str = "sgd", lr: float = 1e-2, eps: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0):
+        _check_float(weight, "weight")
+        if weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError(f"weight must be a contiguous 2-D (N, D) table, got shape {tuple(weight.shape)}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be 'sgd', 'adagrad' or 'adam', got {optimizer!r}")
+        self.optimizer = optimizer
+        self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.step = 0
+        acc = _ref.acc_dtype(weight.dtype)
+        N, D = weight.shape
+        self.state1: Optional[Tensor] = None
+        self.state2: Optional[Tensor] = None
+        if optimizer == "adagrad":
+            self.state1 = torch.full((N,), float(initial_accumulator_value), dtype=acc, device=weight.device)
+        elif optimizer == "adam":
+            self.state1 = torch.zeros((N, D), dtype=acc, device=weight.device)
+            self.state2 = torch.zeros((N, D), dtype=acc, device=weight.device)
+
+    def __repr__(self) -> str:
+        return f"RowUpdate(optimizer={self.optimizer!r}, lr={self.lr}, step={self.step})"
+
+
+# tables whose masked lookups apply their RowUpdate in the backward (fuse_update); the count keeps the common
+# path (no table registered) a plain int test, traceable by torch.compile
+_FUSED_UPDATES = torch.utils.weak.WeakIdKeyDictionary()
+_FUSED_COUNT = [0]
+
+
+def fuse_update(weight: Tensor, update: Optional[RowUpdate]) -> None:
+    """Every :func:`masked_embedding` lookup into ``weight`` (with autograd recording) applies ``update`` in its
+    backward from now on; ``update=None`` switches it off again. :class:`optembed_ext.optim.FusedBackwardOptimizer`
+    calls this for its tables, so modules that call :func:`masked_embedding` need no change."""
+    _check_tensor(weight, "weight")
+    if update is None:
+        _FUSED_UPDATES.pop(weight, None)
+    else:
+        if not isinstance(update, RowUpdate):
+            raise TypeError(f"update must be an optembed_ext.ops.RowUpdate, got {type(update).__name__}")
+        _FUSED_UPDATES[weight] = update
+    _FUSED_COUNT[0] = len(_FUSED_UPDATES)
+
+
+def fused_update_of(weight: Tensor) -> Optional[RowUpdate]:
+    """The :class:`RowUpdate` registered for ``weight`` by :func:`fuse_update`, or None."""
+    return _FUSED_UPDATES.get(weight)
+
+
+class _MaskedEmbeddingUpdate(torch.autograd.Function):
+    """masked_embedding whose backward applies a RowUpdate to the table instead of returning its gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, threshold, oov_weight, indices, dims, p, check_indices, update):
+        if _reference_path("masked_embedding_forward", weight.device):
+            # (autograd is off inside forward; the reference backward recomputes the lookup)
+            out = _ref.masked_embedding(weight, indices, threshold, dims, p, oov_weight, check_indices=check_indices)
+            norm = None
+            ctx.reference = True
+        else:
+            out, norm = torch.ops.optembed.masked_embedding_forward(weight, indices, threshold, dims, p, oov_weight,
+                                                                    check_indices)
+            ctx.reference = False
+        ctx.p, ctx.update = p, update
+        ctx.save_for_backward(weight, indices, norm, threshold, dims, oov_weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, indices, norm, threshold, dims, oov_weight = ctx.saved_tensors
+        u = ctx.update
+        u.step += 1
+        hyper = dict(optimizer=u.optimizer, lr=u.lr, eps=u.eps, beta1=u.beta1, beta2=u.beta2,
+                     weight_decay=u.weight_decay, step=u.step)
+        with torch.no_grad():
+            if ctx.reference:
+                gt, goov = _ref.masked_embedding_backward_update(grad_out, weight, indices, threshold, dims, ctx.p,
+                                                                 oov_weight, u.state1, u.state2, **hyper)
+            elif _reference_path("masked_embedding_backward_update", weight.device):
+                # no fused kernel for this device: the per-lookup rows of the compiled backward, then the fused
+                # optimizer (same result, one extra pass over the rows)
+                rows, gt, goov = torch.ops.optembed.masked_embedding_backward(
+                    grad_out.contiguous(), weight, indices, norm, threshold, dims, ctx.p, oov_weight, True, True)
+                sparse_row_update(weight, indices.reshape(-1), rows, u.state1, u.state2, **hyper)
+            else:
+                gt, goov = torch.ops.optembed.masked_embedding_backward_update(
+                    grad_out.contiguous(), weight, indices, norm, threshold, dims, ctx.p, oov_weight, u.state1,
+                    u.state2, hyper["optimizer"], hyper["lr"], hyper["eps"], hyper["beta1"], hyper["beta2"],
+                    hyper["weight_decay"], hyper["step"])
+        return (None, gt if threshold is not None else None, goov if oov_weight is not None else None,
+                None, None, None, None, None)
 
 
 # =================================================================================================== row_mask
@@ -372,6 +515,7 @@ def compact_embedding(packed: Tensor, field_offsets: Tensor, field_dims: Tensor,
     _check_bool(check_indices, "check_indices")
     _check_bool(deterministic, "deterministic")
     _check_bool(sparse, "sparse")
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if _reference_path("compact_embedding_forward", packed.device):
         return _ref.compact_embedding(packed, field_offsets, field_dims, remap, indices, out_dim, oov,
                                       check_indices=check_indices, deterministic=deterministic, sparse=sparse)
@@ -527,6 +671,13 @@ def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1
                                              check_indices)
 
 
+def _masked_embedding_backward_update_fake(grad_out, weight, indices, norm, threshold, dims, p, oov_weight, state1,
+                                           state2, optimizer, lr, eps, beta1, beta2, weight_decay, step):
+    grad_t = threshold.new_empty((indices.shape[1],)) if threshold is not None else weight.new_empty((0,))
+    grad_oov = weight.new_empty(oov_weight.shape) if oov_weight is not None else weight.new_empty((0,))
+    return grad_t, grad_oov
+
+
 def _sparse_row_update_fake(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2,
                             weight_decay, step, check_indices=True):
     return None
@@ -575,6 +726,7 @@ def _register() -> None:
     lib.register_autograd("optembed::compact_embedding_forward", _compact_forward_backward,
                           setup_context=_compact_setup)
     lib.register_fake("optembed::sparse_row_update", _sparse_row_update_fake)
+    lib.register_fake("optembed::masked_embedding_backward_update", _masked_embedding_backward_update_fake)
 
 
 if _ext.HAS_EXTENSION:

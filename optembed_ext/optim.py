@@ -30,6 +30,14 @@ with dense Adam::
     table_opt = LazyAdam(emb.sparse_parameters(), lr=1e-3)
     dense_opt = torch.optim.Adam([p for p in model.parameters() if p is not emb.weight], lr=1e-3)
 
+:class:`FusedBackwardOptimizer` goes one step further (FBGEMM's table-batched embeddings): the update is applied
+inside the masked lookup's backward (:func:`optembed_ext.ops.masked_embedding`), so not even the per-lookup gradient
+rows are written; its ``step()`` only catches gradients that reached the table by another path::
+
+    table_opt = FusedBackwardOptimizer([emb.weight], kind="sgd", lr=1e-2)   # registers the table
+    loss.backward()          # the touched rows of emb.weight are updated here; thresholds get their gradient
+    table_opt.step()         # hyper-parameter changes take effect; any other gradient of the table is applied
+
 State dicts follow ``torch.optim.Optimizer`` (``state_dict`` / ``load_state_dict``), so checkpoints resume exactly.
 """
 from __future__ import annotations
@@ -40,7 +48,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["KINDS", "FusedSparseOptimizer", "SparseSGD", "RowWiseAdagrad", "LazyAdam", "make_fused_optimizer"]
+__all__ = ["KINDS", "FusedSparseOptimizer", "SparseSGD", "RowWiseAdagrad", "LazyAdam", "make_fused_optimizer",
+           "FusedBackwardOptimizer", "fused_backward_factory"]
 
 #: the update rules of :func:`optembed_ext.ops.sparse_row_update`
 KINDS = ("sgd", "adagrad", "adam")
@@ -258,3 +267,103 @@ def make_fused_optimizer(kind: str, params: Iterable, **kwargs) -> FusedSparseOp
     if kind not in _CLASSES:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return _CLASSES[kind](params, **kwargs)
+
+
+class FusedBackwardOptimizer(FusedSparseOptimizer):
+    """SGD / row-wise Adagrad / lazy Adam applied inside the backward of the masked lookup (no gradient rows).
+
+    Same arguments, rules and state as :class:`FusedSparseOptimizer`. Each 2-D table is registered with
+    :func:`optembed_ext.ops.fuse_update`: from then on every :func:`optembed_ext.ops.masked_embedding` lookup into
+    it (any module that calls it, e.g. :class:`~optembed_ext.nn.OptEmbedEmbedding`) updates the touched rows in its
+    backward pass, deduplicated and in a fixed order, and leaves ``weight.grad`` alone. ``step()`` then only makes
+    changed hyper-parameters (``lr`` of a scheduler) effective for the next backward and applies, as
+    :class:`FusedSparseOptimizer` does, any gradient the table received otherwise (a regulariser, a 1-D parameter
+    or a lookup without autograd fusion). ``detach()`` unregisters the tables.
+    """
+
+    def __init__(self, params: Iterable, kind: str = "sgd", lr: float = 1e-2, eps: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0):
+        super().__init__(params, kind=kind, lr=lr, eps=eps, betas=betas, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value)
+        from . import ops
+
+        self._fused: list[tuple[torch.Tensor, dict, ops.RowUpdate]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    continue  # not a table a masked lookup reads: handled by step() as FusedSparseOptimizer
+                beta1, beta2 = group["betas"]
+                upd = ops.RowUpdate(p.detach(), kind, lr=group["lr"], eps=group["eps"], betas=(beta1, beta2),
+                                    weight_decay=group["weight_decay"],
+                                    initial_accumulator_value=self.initial_accumulator_value)
+                state = self.state[p]
+                state["step"] = 0
+                if kind == "adagrad":
+                    state["sum"] = upd.state1
+                elif kind == "adam":
+                    state["exp_avg"], state["exp_avg_sq"] = upd.state1, upd.state2
+                ops.fuse_update(p, upd)
+                self._fused.append((p, group, upd))
+
+    def _sync(self, to_updates: bool) -> None:
+        for p, group, upd in self._fused:
+            state = self.state[p]
+            if to_updates:
+                upd.step = int(state["step"])
+                upd.state1 = state.get("sum", state.get("exp_avg"))
+                upd.state2 = state.get("exp_avg_sq")
+                upd.lr, upd.eps, upd.weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+                upd.beta1, upd.beta2 = (float(b) for b in group["betas"])
+            else:
+                state["step"] = upd.step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Applies the gradients that reached the tables outside the fused backward and makes hyper-parameter
+        changes effective; returns ``closure()`` if given (its backward updates the tables)."""
+        self._sync(to_updates=False)
+        loss = super().step(closure)
+        self._sync(to_updates=True)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # load_state_dict rebuilds the param groups and state: point the registered updates at them
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = {id(p): g for p, g in zip(params, groups)}
+        self._fused = [(p, by_id[id(p)], upd) for p, _, upd in self._fused]
+        self._sync(to_updates=True)
+
+    def state_dict(self) -> dict:
+        self._sync(to_updates=False)
+        return super().state_dict()
+
+    def detach(self) -> None:
+        """Stop applying this optimizer in the backward of the tables' lookups (they get gradients again)."""
+        from . import ops
+
+        for p, _, upd in self._fused:
+            if ops.fused_update_of(p) is upd:
+                ops.fuse_update(p, None)
+        self._fused = []
+
+
+def fused_backward_factory(kind: str) -> Callable:
+    """Trainer optimizer factory ``(dense_groups, sparse_groups, config) -> [optimizers]`` of the fused-backward
+    ``kind``: the embedding tables (sparse groups) with :class:`FusedBackwardOptimizer`, every other parameter with
+    dense Adam (``config.lr``, ``config.weight_decay``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+    def make(dense: list, sparse: list, config) -> list:
+        opts: list[torch.optim.Optimizer] = []
+        if dense:
+            opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
+        if sparse:
+            opts.append(FusedBackwardOptimizer([{"params": g["params"], "lr": g["lr"],
+                                                 "weight_decay": g["weight_decay"]} for g in sparse], kind=kind))
+        return opts
+
+    return make

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_embedding", "row_mask", "compact_embedding", "sparse_row_update", "step_ste_grad", "acc_dtype"]
+__all__ = ["masked_embedding", "masked_embedding_backward_update", "row_mask", "compact_embedding", "sparse_row_update", "step_ste_grad", "acc_dtype"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -132,6 +132,36 @@ def masked_embedding(weight: torch.Tensor, indices: torch.Tensor, threshold: tor
     if valid is not None:
         out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=dev))
     return out
+
+
+def masked_embedding_backward_update(grad_out: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
+                                     threshold: torch.Tensor | None, dims: torch.Tensor | None, p: int,
+                                     oov_weight: torch.Tensor | None, state1: torch.Tensor | None,
+                                     state2: torch.Tensor | None, *, optimizer: str, lr: float, eps: float = 1e-8,
+                                     beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0,
+                                     step: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Reference of the masked lookup's backward with the optimizer step fused in: the per-lookup gradient rows of
+    :func:`masked_embedding` (``sparse=True``) handed to :func:`sparse_row_update` (``weight`` and the states are
+    updated in place). Returns ``(grad_threshold, grad_oov)`` (None where the argument is None). Ids outside
+    ``[0, N)`` raise ``IndexError`` before anything is written."""
+    _check_index_range(indices.long(), weight.shape[0], "indices")
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (weight, threshold, oov_weight)]
+    with torch.enable_grad():
+        out = masked_embedding(leaves[0], indices, leaves[1], dims, p, leaves[2], check_indices=False, sparse=True)
+        wanted = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
+    grads = iter(grads)
+    gw, gt, goov = (next(grads) if t is not None else None for t in leaves)
+    if gw is None:  # no lookups
+        gw = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=weight.device),
+                                     weight.new_zeros(0, weight.shape[1]), weight.shape)
+    if threshold is not None and gt is None:
+        gt = torch.zeros_like(threshold)
+    if oov_weight is not None and goov is None:
+        goov = torch.zeros_like(oov_weight)
+    sparse_row_update(weight, gw._indices()[0], gw._values(), state1, state2, optimizer=optimizer, lr=lr, eps=eps,
+                      beta1=beta1, beta2=beta2, weight_decay=weight_decay, step=step)
+    return gt, goov
 
 
 # ==================================================================================================== row_mask
