@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import optembed_ext.integrations as integrations
 import optembed_ext.nn as oenn
 from optembed_ext.data import load_dataset
 from optembed_ext.integrations import deepctr as dc
@@ -112,7 +113,7 @@ def test_torchfm_deepfm_optembed_on_ml100k(ml100k, torchfm_dfm):
     assert hook.best_auc > 0.75, hook.history
     assert table.sparsity() > 0.1, table.threshold
     # dims search (one candidate at a time: torchfm has no predict_from_embeddings), freeze, compact export
-    res = oenn.search_dims(model, (Xv, yv), generations=2, mutation_num=4, crossover_num=4)
+    res = integrations.search_dims(model, (Xv, yv), generations=2, mutation_num=4, crossover_num=4)
     assert not res["batched"] and len(res["field_dims"]) == fmap.num_fields
     hook.freeze(field_dims=res["field_dims"])
     model.eval()
@@ -135,7 +136,7 @@ def test_torchfm_adapter_wiring(torchfm_dfm):
     x = torch.tensor([[3, 5, 2], [0, 0, 0]])
     model.eval()
     before = model(x)
-    table, = oenn.replace_embeddings(model, "uniform")  # the generic entry point dispatches to torchfm
+    table, = integrations.replace_embeddings(model, "uniform")  # the generic entry point dispatches to torchfm
     assert fm_adapter.cardinalities_of(types.SimpleNamespace(offsets=np.array([0, 4, 10]),
                                        embedding=torch.nn.Embedding(13, 2))) == [4, 6, 3]
     torch.testing.assert_close(model(x), before)
@@ -179,7 +180,7 @@ def test_deepctr_deepfm_optembed_on_ml100k(ml100k, deepctr):
     assert table.sparsity() > 0.1
     # search on DeepCTR's own input format, freeze, compact export
     Xv = dc.model_input(model, _xdict(ml100k.val, fmap))
-    res = oenn.search_dims(model, (Xv, ml100k.val.y), generations=2, mutation_num=4, crossover_num=4)
+    res = integrations.search_dims(model, (Xv, ml100k.val.y), generations=2, mutation_num=4, crossover_num=4)
     hook.freeze(field_dims=res["field_dims"])
     masked = model.predict(_xdict(ml100k.val, fmap), 4096)
     oenn.to_compact(model)
@@ -198,7 +199,7 @@ def test_deepctr_adapter_l2_list_and_summed_loss(deepctr):
     cols = _columns(fmap, SparseFeat)
     model = DeepFM(cols, cols, dnn_hidden_units=(8,), l2_reg_embedding=1e-3, device="cpu", seed=0)
     old = {id(p) for p in model.embedding_dict.parameters()}
-    table = oenn.replace_embeddings(model, "optembed", alpha=0.5)[0]
+    table = integrations.replace_embeddings(model, "optembed", alpha=0.5)[0]
     assert dc.table_of(model) is table and table.local_ids
     listed = [w[1] if isinstance(w, tuple) else w for ws, _, _ in model.regularization_weight for w in ws]
     assert not ({id(w) for w in listed} & old)

@@ -244,7 +244,7 @@ def test_package_exports_every_embedding_module():
                "PEPEmbedding": "pep", "AutoDimEmbedding": "autodim", "MixedDimEmbedding": "autodim",
                "QREmbedding": "qr", "AutoFieldEmbedding": "autofield", "FieldSelectedEmbedding": "autofield"}
     helpers = {"CombinedOptimizer", "SupernetHook", "describe", "embedding_modules", "make_optimizer", "make_table",
-               "regularization", "replace_embeddings", "search_dims", "sparsity", "to_compact"}
+               "regularization", "sparsity", "to_compact"}
     assert set(nn_pkg.__all__) == set(modules) | {"EmbeddingModule"} | helpers
     for name, mod in modules.items():
         cls = getattr(nn_pkg, name)

@@ -10,7 +10,8 @@ from torch import nn
 from optembed_ext.data import FeatureMap, make_synthetic
 from optembed_ext.nn import (AutoDimEmbedding, CompactEmbedding, MixedDimEmbedding, OptEmbedEmbedding, PEPEmbedding,
                              QREmbedding, SupernetHook, UniformEmbedding, AutoFieldEmbedding, FieldSelectedEmbedding,
-                             make_optimizer, regularization, replace_embeddings, search_dims, to_compact)
+                             make_optimizer, regularization, to_compact)
+from optembed_ext.integrations import replace_embeddings, search_dims
 
 CARDS = [5, 3, 7, 4]
 

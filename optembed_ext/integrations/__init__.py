@@ -1,11 +1,14 @@
 """Adapters that put the compression tables into other CTR libraries' models, in place.
 
 * :mod:`.deepctr` -- DeepCTR-Torch (``deepctr_torch``): its ``embedding_dict``, its L2 list, its summed loss;
-* :mod:`.torchfm` -- torchfm: every ``FeaturesEmbedding``.
+* :mod:`.torchfm` -- torchfm: every ``FeaturesEmbedding``;
+* :mod:`.generic` -- :func:`replace_embeddings` (dispatches to the adapters, or swaps a named ``nn.Embedding``)
+  and :func:`search_dims` (the evolutionary dims search on any model).
 
 Neither library is imported here (the adapters work on the models' structure), so importing this package needs
 neither of them.
 """
 from . import deepctr, torchfm
+from .generic import replace_embeddings, search_dims
 
-__all__ = ["deepctr", "torchfm"]
+__all__ = ["deepctr", "torchfm", "replace_embeddings", "search_dims"]

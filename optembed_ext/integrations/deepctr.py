@@ -102,7 +102,7 @@ class DeepCTREmbeddingDict(nn.Module):
 def model_input(model, x) -> torch.Tensor:
     """DeepCTR-Torch's input: a dict of feature arrays (or a list in ``feature_index`` order) -> the float
     ``(B, columns)`` tensor that ``model.forward`` takes (what ``model.predict`` builds), e.g. for
-    :func:`optembed_ext.nn.search_dims`."""
+    :func:`optembed_ext.integrations.search_dims`."""
     import numpy as np
 
     if isinstance(x, dict):

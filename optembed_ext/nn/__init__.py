@@ -15,7 +15,8 @@ module                      method
 ==========================  ==========================================================================
 
 Module-level helpers that plug the tables into any PyTorch CTR code (:mod:`.plugin`): ``make_optimizer``,
-``regularization``, ``SupernetHook``, ``search_dims``, ``to_compact``, ``replace_embeddings``; every table has
+``regularization``, ``SupernetHook``, ``to_compact`` (the dims search on any model and the table swap of foreign
+models: ``optembed_ext.integrations.search_dims`` / ``replace_embeddings``); every table has
 ``from_cardinalities(cards, dim, local_ids=True)``.
 
 Every module imports only :mod:`torch` and :mod:`.base` at import time (the compiled ops are loaded on first use),
@@ -28,7 +29,7 @@ from .compact import CompactEmbedding
 from .optembed import OptEmbedEmbedding
 from .pep import PEPEmbedding
 from .plugin import (CombinedOptimizer, SupernetHook, describe, embedding_modules, make_optimizer, make_table,
-                     regularization, replace_embeddings, search_dims, sparsity, to_compact)
+                     regularization, sparsity, to_compact)
 from .qr import QREmbedding
 from .uniform import UniformEmbedding
 
@@ -50,8 +51,6 @@ __all__ = [
     "make_optimizer",
     "make_table",
     "regularization",
-    "replace_embeddings",
-    "search_dims",
     "sparsity",
     "to_compact",
 ]
