@@ -43,6 +43,16 @@ def _synthetic_local(num_samples=6000, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ README example
+def _readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(heading)
+    start = text.index("```python\n", start) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
 def test_readme_three_line_example():
     """The README's "Use it in your own model" example, line for line (plain PyTorch loop)."""
     from sklearn.metrics import roc_auc_score
@@ -52,17 +62,10 @@ def test_readme_three_line_example():
     model = PlainFM(cards, 16)  # somebody's model, its table an nn.Embedding
     loader = [(X[s:s + 256], y[s:s + 256]) for s in range(0, len(X), 256)] * 6
 
-    # --- README example begins
-    from optembed_ext.nn import OptEmbedEmbedding, make_optimizer, regularization
-
-    model.embedding = OptEmbedEmbedding.from_cardinalities(cards, 16)    # 1. the table (ids from 0 in every field)
-    opt = make_optimizer(model, torch.optim.Adam, lr=1e-3)                 # 2. thresholds get their own SGD
-    for x, y in loader:
-        loss = F.binary_cross_entropy_with_logits(model(x), y) + regularization(model)   # 3. + the regulariser
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # --- README example ends
+    # the README's code block itself, executed as written
+    namespace = {"torch": torch, "F": F, "model": model, "cards": cards, "loader": loader}
+    exec(compile(_readme_block("### Use it in your own model"), "README.md", "exec"), namespace)
+    opt = namespace["opt"]
 
     model.eval()
     with torch.no_grad():
