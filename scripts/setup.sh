@@ -8,6 +8,8 @@
 #   OPTEMBED_TORCH=spec       torch requirement (default: torch==2.14.1, a CUDA 13.0 build that also runs on the CPU;
 #                             torch==2.13.0 is a CPU-only build)
 #   OPTEMBED_WITH_CUDA=AUTO|ON|OFF   build the CUDA kernels (default AUTO: when nvcc and a CUDA torch are found)
+#   OPTEMBED_TORCHREC=auto|off       install TorchRec for the sharded export (default auto: only with torch 2.14.1,
+#                                    the torch that torchrec 1.9.2 + fbgemm-gpu-cpu 1.9.0 were checked against)
 #   PYTHON=python3.11         interpreter used to create the venv
 set -euo pipefail
 
@@ -28,6 +30,32 @@ echo "[setup] installing $torch_spec and the build/test tools"
 "${pip[@]}" install -q "$torch_spec" numpy pybind11 "scikit-build-core>=0.10" ninja cmake
 "${pip[@]}" install -q pyyaml scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis expecttest \
   deepctr-torch==0.3.0 torchfm==0.7.0
+
+# TorchRec (optembed_ext.export.torchrec, tests/test_torchrec.py): torchrec 1.9.2 with FBGEMM's CPU build
+# fbgemm-gpu-cpu 1.9.0, which loads with torch 2.14.1 only. torchrec declares a dependency on the CUDA package
+# fbgemm-gpu (whose library needs libnvidia-ml), so it is installed without dependencies, next to the CPU build and
+# its other requirements. Any other torch: skipped, the TorchRec tests skip.
+torchrec_mode=${OPTEMBED_TORCHREC:-auto}
+torch_now=$("$venv/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
+if [ "$torchrec_mode" = "off" ]; then
+  echo "[setup] OPTEMBED_TORCHREC=off: TorchRec not installed"
+elif [ "$torch_now" != "2.14.1" ]; then
+  echo "[setup] torch $torch_now: TorchRec not installed (torchrec 1.9.2 + fbgemm-gpu-cpu 1.9.0 need torch 2.14.1);" \
+       "the TorchRec export and its tests are skipped"
+else
+  echo "[setup] installing torchrec 1.9.2 + fbgemm-gpu-cpu 1.9.0 (for torch $torch_now)"
+  "${pip[@]}" install -q "torch==$torch_now" fbgemm-gpu-cpu==1.9.0 "torchmetrics==1.0.3" tensordict pyre-extensions
+  "${pip[@]}" install -q --no-deps torchrec==1.9.2
+  if ! "$venv/bin/python" - <<'PY'
+import torch, fbgemm_gpu, torchrec
+torch.ops.fbgemm.asynchronous_complete_cumsum(torch.tensor([1]))
+print("[setup] torchrec", torchrec.__version__, "with fbgemm_gpu", fbgemm_gpu.__version__)
+PY
+  then
+    echo "[setup] torchrec does not load with torch $torch_now; uninstalling it (the TorchRec tests will skip)"
+    "${pip[@]}" uninstall -y -q torchrec
+  fi
+fi
 
 # nvcc is often installed without being on PATH; point the build at the usual CUDA root.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
