@@ -135,7 +135,7 @@ def test_without_retraining_uses_the_supernet_weights_with_both_masks(tiny_data,
 def test_supernet_prunes_useless_rows_and_search_shrinks_useless_fields(tmp_path):
     data = interaction_data(20000)
     cfg = dict(embed_dim=8, model_cfg={"mlp_dims": [16]}, epochs=6, patience=None, generations=8, lr=1e-2,
-               threshold_lr=1e-2, alpha=1e-3, batch_size=256, baseline=False, retrain=False,
+               threshold_lr=10.0, alpha=1e-3, batch_size=256, baseline=False, retrain=False,
                measure_speedup=False)
     res = oe.run_optembed(data, "fm", cfg, out_dir=tmp_path, log=None)
     m_e = torch.load(tmp_path / "masks.pt", weights_only=True)["row_mask"].numpy()
