@@ -28,7 +28,7 @@ pip=("$venv/bin/python" -m pip)
 
 echo "[setup] installing $torch_spec and the build/test tools"
 "${pip[@]}" install -q "$torch_spec" numpy pybind11 "scikit-build-core>=0.10" ninja cmake
-"${pip[@]}" install -q pyyaml scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis expecttest \
+"${pip[@]}" install -q pyyaml scikit-learn tqdm matplotlib pyarrow pytest pytest-benchmark hypothesis expecttest \
   deepctr-torch==0.3.0 torchfm==0.7.0
 
 # TorchRec (optembed_ext.export.torchrec, tests/test_torchrec.py): torchrec 1.9.2 with FBGEMM's CPU build

@@ -23,6 +23,7 @@ from ..train.config import load_yaml_config
 
 SUBCOMMAND_MODULES = (
     "optembed_ext.cli.preprocess",
+    "optembed_ext.cli.generate",
     "optembed_ext.cli.cache",
     "optembed_ext.cli.train",
     "optembed_ext.cli.search",
