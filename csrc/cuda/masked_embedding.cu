@@ -23,10 +23,13 @@
 //   - writes c into a per-position buffer (P, D): the result itself when sparse=True (cast to the weight
 //     dtype), or the input of the deterministic segment reduction;
 //   - or (deterministic=False, dense) atomically adds c into the (N, D) accumulator.
-// Deterministic dense: stable sort of the flat indices (at::sort, cub radix sort) gives (row, position)
-// pairs ordered by row then position; kernel B assigns one group per sorted slot, the group at the head of
-// each segment sums the segment's buffer rows in ascending position order and writes grad_weight[row]
-// once; no float atomics anywhere. grad_threshold = tpos.view(B, F).sum(0), grad_oov = per-(field, column)
+// Deterministic dense (and every float16 / bfloat16 dense backward, which would otherwise need a full (N, D)
+// float32 atomic accumulator): a stable radix sort of the flat indices over only the bits rows need (sort_rows.cuh)
+// gives (row, position) pairs ordered by row then position; runs of a hot row are cut into chunks of kRowChunk
+// slots whose partial sums are formed in parallel (chunk_partial_kernel); kernel B assigns one group per sorted
+// slot, the group at the head of each run adds the run's chunk partials in ascending order and writes
+// grad_weight[row] once; no float atomics anywhere. The fused update (masked_embedding_backward_update) runs the
+// same pipeline and applies the optimizer to the row instead of writing a gradient. grad_threshold = tpos.view(B, F).sum(0), grad_oov = per-(field, column)
 // partial sums over batch chunks (kernel C) followed by a sum over chunks: both fixed-order reductions, so
 // both are deterministic in every mode.
 // The backward trusts the indices / dims the forward validated (it never synchronises): an out-of-range index
@@ -35,20 +38,24 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/string_view.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common.cuh"
+#include "sort_rows.cuh"
+#include "sparse_row_update.h"
 
 namespace optembed {
 namespace cuda {
@@ -272,26 +279,100 @@ __global__ void __launch_bounds__(kBlockThreads) segment_reduce_rows_kernel(
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   if (i >= R) return;  // no shuffles in this kernel
   const int64_t row = sorted_rows[i];
-  if (i > 0 && sorted_rows[i - 1] == row) return;  // not the head of a segment
+  if (i > 0 && sorted_rows[i - 1] == row) return;  // not the head of a run
   if (row < 0 || row >= N) return;
-  int64_t end = i + 1;
-  while (end < R && sorted_rows[end] == row) ++end;
+  const int64_t end = run_end(sorted_rows, i, R, row);
   const int64_t units = D / VEC;
   scalar_t* grow = grad_weight + row * D;
   for (int64_t u = lane; u < units; u += G) {
     const int64_t j0 = u * VEC;
     acc_t sum[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) sum[e] = acc_t(0);
-#pragma unroll 4
-    for (int64_t t = i; t < end; ++t) {  // ascending position order (stable sort)
-      acc_t c[VEC];
-      load_vec<VEC>(pos_grad + order[t] * D + j0, c);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) sum[e] += c[e];
-    }
+    run_partial_sum<acc_t, VEC>(order, pos_grad, i, end, D, j0, sum);  // chunk partials, ascending
 #pragma unroll
     for (int e = 0; e < VEC; ++e) grow[j0 + e] = static_cast<scalar_t>(sum[e]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fused update kernel: kernel B's run sum applied as an optimizer step to the table row (and its state) in place
+// ---------------------------------------------------------------------------------------------------------
+struct UpdateHyper {
+  int opt;  // 0 sgd, 1 adagrad, 2 adam (RowOptimizer order)
+  double lr, eps, beta1, beta2, wd, step_size, inv_sqrt_bc2;
+};
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) segment_update_rows_kernel(
+    const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
+    const at::opmath_type<scalar_t>* __restrict__ pos_grad, scalar_t* __restrict__ weight,
+    at::opmath_type<scalar_t>* __restrict__ state1, at::opmath_type<scalar_t>* __restrict__ state2,
+    UpdateHyper hp, int64_t R, int64_t N, int64_t D, int G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  // Every lane reaches the row-wise Adagrad shuffle: no early return before it.
+  int64_t row = -1, end = 0;
+  if (i < R) {
+    row = sorted_rows[i];
+    const bool head = (i == 0 || sorted_rows[i - 1] != row) && row < N;
+    if (head) {
+      end = run_end(sorted_rows, i, R, row);
+    } else {
+      row = -1;
+    }
+  }
+  const int64_t units = D / VEC;
+  const acc_t wd = static_cast<acc_t>(hp.wd), lr = static_cast<acc_t>(hp.lr), eps = static_cast<acc_t>(hp.eps);
+  scalar_t* wrow = weight + (row >= 0 ? row : 0) * D;
+  acc_t mult = lr;
+  if (hp.opt == 1) {  // row-wise Adagrad: state1[row] += mean(g^2) over the full row
+    acc_t sq = acc_t(0);
+    if (row >= 0) {
+      for (int64_t u = lane; u < units; u += G) {
+        const int64_t j0 = u * VEC;
+        acc_t g[VEC], w[VEC];
+        run_partial_sum<acc_t, VEC>(order, pos_grad, i, end, D, j0, g);
+        load_vec<VEC>(wrow + j0, w);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          g[e] += wd * w[e];
+          sq += g[e] * g[e];
+        }
+      }
+    }
+    sq = group_sum(sq, G);
+    if (row >= 0) {
+      const acc_t acc = state1[row] + sq / static_cast<acc_t>(D);
+      mult = lr / (acc_sqrt(acc) + eps);
+      if (lane == 0) state1[row] = acc;
+    }
+  }
+  if (row < 0) return;
+  const acc_t beta1 = static_cast<acc_t>(hp.beta1), beta2 = static_cast<acc_t>(hp.beta2);
+  const acc_t step_size = static_cast<acc_t>(hp.step_size), inv_sqrt_bc2 = static_cast<acc_t>(hp.inv_sqrt_bc2);
+  for (int64_t u = lane; u < units; u += G) {
+    const int64_t j0 = u * VEC;
+    acc_t g[VEC], w[VEC];
+    run_partial_sum<acc_t, VEC>(order, pos_grad, i, end, D, j0, g);
+    load_vec<VEC>(wrow + j0, w);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) g[e] += wd * w[e];
+    if (hp.opt == 2) {
+      acc_t* m = state1 + row * D + j0;
+      acc_t* v = state2 + row * D + j0;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const acc_t mj = beta1 * m[e] + (acc_t(1) - beta1) * g[e];
+        const acc_t vj = beta2 * v[e] + (acc_t(1) - beta2) * g[e] * g[e];
+        m[e] = mj;
+        v[e] = vj;
+        w[e] -= step_size * mj / (acc_sqrt(vj) * inv_sqrt_bc2 + eps);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) w[e] -= mult * g[e];
+    }
+    store_vec<VEC>(wrow + j0, w);
   }
 }
 
@@ -479,14 +560,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
   const at::Tensor dm = dims.has_value() ? dims->to(at::kLong).contiguous() : at::Tensor();
   const int64_t dims_stride_b = (dims.has_value() && dims->dim() == 2) ? s.F : 0;
   const at::Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : at::Tensor();
-  const bool per_position = sparse || deterministic;
   const bool reduced = acc_type != weight.scalar_type();
+  // float16 / bfloat16 dense gradients take the sort-based path: an atomic accumulator would be a full (N, D)
+  // float32 copy of the table on every step.
+  const bool sorted_dense = !sparse && (deterministic || reduced);
+  const bool per_position = sparse || sorted_dense;
   // Per-position rows (R, D) in acc_t, or the dense (N, D) atomic accumulator in acc_t (grad_weight itself for
   // float32 / float64 weights).
   at::Tensor pos_grad = per_position ? at::empty({R, s.D}, weight.options().dtype(acc_type)) : at::Tensor();
   at::Tensor atomic_grad = per_position ? at::Tensor() : at::zeros({s.N, s.D}, weight.options().dtype(acc_type));
   // Deterministic dense: rows not touched stay zero, touched rows are written once by kernel B.
-  at::Tensor grad_weight = (!sparse && deterministic) ? at::zeros({s.N, s.D}, weight.options()) : at::Tensor();
+  at::Tensor grad_weight = sorted_dense ? at::zeros({s.N, s.D}, weight.options()) : at::Tensor();
   at::Tensor pos_tgrad = threshold.has_value() ? at::empty({R}, weight.options().dtype(acc_type)) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -515,16 +599,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
       });
     });
 
-    if (!sparse && deterministic) {
-      // Stable sort by row: equal rows keep ascending position order.
-      const auto sorted = at::sort(idx.view({R}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      const at::Tensor sorted_rows = std::get<0>(sorted).contiguous();
-      const at::Tensor order = std::get<1>(sorted).contiguous();
+    if (sorted_dense) {
+      // Stable sort by row (equal rows keep ascending position order), hot runs split into chunks, then one
+      // group per run head writes the row once.
+      const auto sorted = sort_rows(idx.view({R}), s.N, stream);
+      const at::Tensor& sorted_rows = std::get<0>(sorted);
+      const at::Tensor& order = std::get<1>(sorted);
       constexpr int kAccVec = vec_width<acc_t>();
       const bool acc_vec_ok = s.D % kAccVec == 0;  // pos_grad is a fresh allocation: rows are 16-byte aligned
       OPTEMBED_BOOL_SWITCH(acc_vec_ok, kVecOk, [&] {
         constexpr int V = kVecOk ? kAccVec : 1;
         const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
+        chunk_partial_kernel<acc_t, V><<<L.blocks, kBlockThreads, 0, stream>>>(
+            sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pos_grad.data_ptr<acc_t>(), R, s.N, s.D, L.G);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
         segment_reduce_rows_kernel<scalar_t, V><<<L.blocks, kBlockThreads, 0, stream>>>(
             sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pos_grad.data_ptr<acc_t>(),
             grad_weight.data_ptr<scalar_t>(), R, s.N, s.D, L.G);
@@ -552,11 +640,118 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
 
   if (sparse) {
     grad_weight = reduced ? pos_grad.to(weight.scalar_type()) : pos_grad;
-  } else if (!deterministic) {
+  } else if (!sorted_dense) {
     grad_weight = reduced ? atomic_grad.to(weight.scalar_type()) : atomic_grad;
   }
   if (threshold.has_value()) grad_threshold.copy_(pos_tgrad.view({s.B, s.F}).sum(0));
   return {grad_weight, grad_threshold, grad_oov};
+}
+
+// Backward with the optimizer step fused in (schema in csrc/masked_embedding.cpp): kernel A's per-position rows,
+// the row sort and hot-run split of the deterministic path, then one group per run head sums the run in ascending
+// position order and updates weight[row] (and its state) in place. On the GPU the per-position rows are still
+// written once to a scratch buffer (in acc_t); no (N, D) gradient and no separate optimizer pass exist.
+std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
+    const at::Tensor& grad_out, at::Tensor weight, const at::Tensor& indices, const at::Tensor& norm,
+    const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& dims, int64_t p,
+    const std::optional<at::Tensor>& oov_weight, std::optional<at::Tensor> state1, std::optional<at::Tensor> state2,
+    c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2, double weight_decay,
+    int64_t step) {
+  const Shapes s = check_inputs(weight, indices, threshold, dims, p, oov_weight);
+  TORCH_CHECK(weight.is_contiguous(), "masked_embedding_backward_update: weight must be contiguous (updated in place)");
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == s.B && grad_out.size(1) == s.F && grad_out.size(2) == s.D,
+              "masked_embedding: grad_out must have shape (B, F, D) = (", s.B, ", ", s.F, ", ", s.D, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == s.B && norm.size(1) == s.F,
+              "masked_embedding: norm must have shape (B, F) = (", s.B, ", ", s.F, "), got ", norm.sizes());
+  const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
+  const at::Tensor g = grad_out.contiguous();
+  sparse_row_update_check(weight, indices.reshape({-1}), g.view({-1, s.D}), state1, state2, optimizer, lr, eps, beta1,
+                          beta2, weight_decay, step);
+  const RowOptimizer opt = parse_optimizer(optimizer);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::ScalarType acc_type = acc_type_of(weight.scalar_type());
+  const int64_t R = s.B * s.F;
+  at::Tensor grad_threshold =
+      threshold.has_value() ? at::zeros({s.F}, threshold->options()) : at::zeros({0}, weight.options());
+  at::Tensor grad_oov = oov_weight.has_value() ? at::zeros({s.F, s.D}, oov_weight->options())
+                                               : at::zeros({0}, weight.options());
+  if (R == 0 || s.D == 0) return {grad_threshold, grad_oov};
+
+  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor nrm = norm.to(acc_type).contiguous();
+  const at::Tensor thr = threshold.has_value() ? threshold->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor dm = dims.has_value() ? dims->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t dims_stride_b = (dims.has_value() && dims->dim() == 2) ? s.F : 0;
+  const at::Tensor oov = oov_weight.has_value() ? oov_weight->contiguous() : at::Tensor();
+  at::Tensor pos_grad = at::empty({R, s.D}, weight.options().dtype(acc_type));
+  at::Tensor pos_tgrad = threshold.has_value() ? at::empty({R}, weight.options().dtype(acc_type)) : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  UpdateHyper hp{static_cast<int>(opt), lr, eps, beta1, beta2, weight_decay, lr, 1.0};
+  if (opt == RowOptimizer::kAdam) {
+    hp.step_size = lr / (1.0 - std::pow(beta1, static_cast<double>(step)));
+    hp.inv_sqrt_bc2 = 1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  }
+
+  OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "masked_embedding_backward_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = vec_width<scalar_t>();
+    const bool vec_ok = s.D % kVec == 0 && aligned16(weight.data_ptr()) && aligned16(g.data_ptr()) &&
+                        (!oov.defined() || aligned16(oov.data_ptr()));
+    OPTEMBED_P_SWITCH(p, kP, [&] {
+      OPTEMBED_BOOL_SWITCH(dims.has_value(), kHasDims, [&] {
+        OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
+          OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
+            constexpr int V = kVecOk ? kVec : 1;
+            const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
+            masked_embedding_backward_rows_kernel<scalar_t, kP, kHasDims, kHasOov, V>
+                <<<L.blocks, kBlockThreads, 0, stream>>>(
+                    g.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+                    nrm.data_ptr<acc_t>(), thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
+                    dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b,
+                    oov.defined() ? oov.data_ptr<scalar_t>() : nullptr, pos_grad.data_ptr<acc_t>(), nullptr,
+                    pos_tgrad.defined() ? pos_tgrad.data_ptr<acc_t>() : nullptr, R, s.F, s.N, s.D, L.G);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+    // grad_oov reads only grad_out and the norms: computed before the rows change (stream order anyway)
+    if (oov_weight.has_value() && threshold.has_value()) {
+      const int threads = static_cast<int>(std::min<int64_t>(kBlockThreads, ceil_div(s.D, 32) * 32));
+      const int64_t chunk = std::max<int64_t>(32, ceil_div(s.B, 4096));
+      const int64_t chunks = ceil_div(s.B, chunk);
+      at::Tensor partial = at::empty({chunks, s.F, s.D}, weight.options().dtype(acc_type));
+      const dim3 grid(static_cast<unsigned>(ceil_div(s.D, threads)), static_cast<unsigned>(std::min<int64_t>(s.F, 65535)),
+                      static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
+      masked_embedding_oov_grad_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+          g.data_ptr<scalar_t>(), nrm.data_ptr<acc_t>(), thr.data_ptr<acc_t>(),
+          dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b, partial.data_ptr<acc_t>(), s.B, s.F, s.D,
+          chunk, chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      grad_oov.copy_(partial.sum(0));
+    }
+    const auto sorted = sort_rows(idx.view({R}), s.N, stream);
+    const at::Tensor& sorted_rows = std::get<0>(sorted);
+    const at::Tensor& order = std::get<1>(sorted);
+    constexpr int kAccVec = vec_width<acc_t>();
+    const bool upd_vec_ok = s.D % kAccVec == 0 && aligned_to(weight.data_ptr(), sizeof(scalar_t) * kAccVec);
+    acc_t* s1 = (state1.has_value() && state1->defined()) ? state1->data_ptr<acc_t>() : nullptr;
+    acc_t* s2 = (state2.has_value() && state2->defined()) ? state2->data_ptr<acc_t>() : nullptr;
+    OPTEMBED_BOOL_SWITCH(upd_vec_ok, kVecOk, [&] {
+      constexpr int V = kVecOk ? kAccVec : 1;
+      const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
+      chunk_partial_kernel<acc_t, V><<<L.blocks, kBlockThreads, 0, stream>>>(
+          sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pos_grad.data_ptr<acc_t>(), R, s.N, s.D, L.G);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      segment_update_rows_kernel<scalar_t, V><<<L.blocks, kBlockThreads, 0, stream>>>(
+          sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pos_grad.data_ptr<acc_t>(),
+          weight.data_ptr<scalar_t>(), s1, s2, hp, R, s.N, s.D, L.G);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (threshold.has_value()) grad_threshold.copy_(pos_tgrad.view({s.B, s.F}).sum(0));
+  return {grad_threshold, grad_oov};
 }
 
 }  // namespace
@@ -566,4 +761,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
 TORCH_LIBRARY_IMPL(optembed, CUDA, m) {
   m.impl("masked_embedding_forward", &optembed::cuda::masked_embedding_forward_cuda);
   m.impl("masked_embedding_backward", &optembed::cuda::masked_embedding_backward_cuda);
+  m.impl("masked_embedding_backward_update", &optembed::cuda::masked_embedding_backward_update_cuda);
 }
