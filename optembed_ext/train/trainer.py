@@ -364,7 +364,7 @@ class Trainer:
         ddp = self._ddp
         model.train()
         progress = None
-        if cfg.progress:
+        if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
             progress = tqdm(total=num, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False)
         start = time.perf_counter()
