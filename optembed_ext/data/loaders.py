@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _stream
+from . import _fast, _stream
 from . import cache as _cache
 from .batching import make_splits
 from .errors import CacheError, DataUsageError, MalformedRowError
@@ -44,6 +44,7 @@ __all__ = ["DATASETS", "DEFAULT_MIN_COUNT", "PRESETS", "PreprocessResult", "prep
 FORMAT_VERSION = _cache.CACHE_FORMAT_VERSION
 DATASETS = ("criteo", "avazu", "kdd12", "movielens1m", "movielens100k", "synthetic")
 DEFAULT_MIN_COUNT = {"criteo": 10, "avazu": 10, "kdd12": 10, "movielens1m": 2, "movielens100k": 2}
+_FAST_DATASETS = ("criteo", "avazu", "kdd12")
 _ALIASES = {
     "ml-1m": "movielens1m", "ml1m": "movielens1m", "movielens-1m": "movielens1m",
     "ml-100k": "movielens100k", "ml100k": "movielens100k", "movielens-100k": "movielens100k",
@@ -117,7 +118,8 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False):
 
 def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = None, strict: bool = False,
                max_rows: int | None = None, chunk_rows: int = 100_000, progress: bool = True,
-               force: bool = False, preset: str | None = None, **options) -> PreprocessResult:
+               force: bool = False, preset: str | None = None, engine: str = "auto",
+               **options) -> PreprocessResult:
     """Encode the raw files of dataset ``name`` found at ``data_dir`` (a folder or the file itself).
 
     Streams the raw file twice (count, then encode) in chunks of ``chunk_rows`` lines. With a
@@ -135,6 +137,12 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     ``"default"`` (the behaviour above) or, for criteo/avazu/kdd12, ``"paper"`` -- the OptEmbed
     paper's rules (``min_count=2``; Avazu with 24 fields). An explicit ``min_count`` or format option
     wins over the preset's. Equal rules share one cache folder whatever preset named them.
+
+    ``engine``: ``"python"`` (line by line), ``"arrow"`` (pyarrow tokenizer and native hashed counts,
+    :mod:`optembed_ext.data._fast`; for the large click logs criteo/avazu/kdd12: ~10x faster, memory
+    bounded by the distinct values, resumable after a kill when there is a ``cache_dir``) or ``"auto"``
+    (arrow when pyarrow is installed and the dataset is one of those). Both give the same arrays,
+    vocabularies and row statistics, so the engine is not part of the cache key.
     """
     name = canonical_name(name)
     if name == "synthetic":
@@ -149,9 +157,22 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
               "options": plan.options, "format_version": FORMAT_VERSION}
     _side_issues(plan, strict)
 
+    if engine not in ("auto", "python", "arrow"):
+        raise DataUsageError(f"engine must be 'auto', 'python' or 'arrow', got {engine!r}")
+    fast = engine != "python" and name in _FAST_DATASETS and _fast.fast_path_available(plan.schema, plan.source)
+    if engine == "arrow" and not fast:
+        raise DataUsageError(f"engine='arrow' needs the pyarrow package and one of {list(_FAST_DATASETS)} "
+                             "(UTF-8, tab or comma separated); install pyarrow or pass engine='python'")
+
     def encode(out_dir=None):
-        table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
-                                     max_rows=max_rows, chunk_rows=chunk_rows, progress=progress, out_dir=out_dir)
+        if fast:
+            work = None if out_dir is None else Path(out_dir).parent / f".{final.name}.work"
+            table = _fast.encode_table_fast(plan.schema, plan.source, min_count=min_count, strict=strict,
+                                            max_rows=max_rows, progress=progress, out_dir=out_dir, work_dir=work)
+        else:
+            table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
+                                         max_rows=max_rows, chunk_rows=chunk_rows, progress=progress,
+                                         out_dir=out_dir)
         if plan.side_stats:
             table.stats["side_files"] = plan.side_stats
             table.stats["side_malformed"] = len(plan.side_issues)
