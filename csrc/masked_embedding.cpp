@@ -330,6 +330,43 @@ std::tuple<Tensor, Tensor> masked_embedding_forward_cpu(const Tensor& weight, co
 }
 
 // ---- backward -----------------------------------------------------------------------------------------------------
+// sum_{j<k} g[j] * (w[j] - o[j]) (o may be null) with independent partial sums; float rows use explicit SSE (the
+// generic loop is a serial dependency chain the compiler does not reorder without -ffast-math).
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_minus(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
+                       const scalar_t* __restrict__ o, int64_t k) {
+  int64_t j = 0;
+  acc_t tail = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps();
+    for (; j + 8 <= k; j += 8) {
+      __m128 w0 = _mm_loadu_ps(w + j), w1 = _mm_loadu_ps(w + j + 4);
+      if (o != nullptr) {
+        w0 = _mm_sub_ps(w0, _mm_loadu_ps(o + j));
+        w1 = _mm_sub_ps(w1, _mm_loadu_ps(o + j + 4));
+      }
+      a0 = _mm_add_ps(a0, _mm_mul_ps(_mm_loadu_ps(g + j), w0));
+      a1 = _mm_add_ps(a1, _mm_mul_ps(_mm_loadu_ps(g + j + 4), w1));
+    }
+    alignas(16) float part[4];
+    _mm_store_ps(part, _mm_add_ps(a0, a1));
+    tail = (part[0] + part[1]) + (part[2] + part[3]);
+  }
+#endif
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (; j + 8 <= k; j += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const acc_t wv = static_cast<acc_t>(w[j + u]) - (o != nullptr ? static_cast<acc_t>(o[j + u]) : acc_t(0));
+      part[u] += static_cast<acc_t>(g[j + u]) * wv;
+    }
+  }
+  for (; j < k; ++j) {
+    tail += static_cast<acc_t>(g[j]) * (static_cast<acc_t>(w[j]) - (o != nullptr ? static_cast<acc_t>(o[j]) : acc_t(0)));
+  }
+  return tail + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+}
+
 // One lookup's contribution: adds m * g[j] (j < k) into acc[0, k) and returns its STE scalar s * H(x) (0 without
 // threshold). The norm term s * H(x) * dn/dw is NOT added here: dn/dw is a property of the row (sign(w), or w / n),
 // so callers add (sum over the row's lookups of s * H) * dn/dw once per row (add_norm_term).
@@ -347,24 +384,7 @@ inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restr
     }
     const acc_t h = step_ste_grad(x);  // NaN for NaN x, 0 for |x| > 1 (also +-inf: no STE term at all)
     if (h != acc_t(0)) {
-      // s = sum_{j<k} g[j] * (w[j] - oov[j]) with 8 independent partial sums (a single running sum is a serial
-      // dependency chain the compiler may not reorder without -ffast-math)
-      acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t j = 0;
-      if (oov_row != nullptr) {
-        for (; j + 8 <= k; j += 8) {
-          for (int u = 0; u < 8; ++u)
-            part[u] += static_cast<acc_t>(g[j + u]) *
-                       (static_cast<acc_t>(w[j + u]) - static_cast<acc_t>(oov_row[j + u]));
-        }
-        for (; j < k; ++j) part[0] += static_cast<acc_t>(g[j]) * (static_cast<acc_t>(w[j]) - static_cast<acc_t>(oov_row[j]));
-      } else {
-        for (; j + 8 <= k; j += 8) {
-          for (int u = 0; u < 8; ++u) part[u] += static_cast<acc_t>(g[j + u]) * static_cast<acc_t>(w[j + u]);
-        }
-        for (; j < k; ++j) part[0] += static_cast<acc_t>(g[j]) * static_cast<acc_t>(w[j]);
-      }
-      const acc_t s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      const acc_t s = dot_minus<scalar_t, acc_t>(g, w, oov_row, k);
       sh = s * h;
     }
   }
@@ -380,7 +400,19 @@ template <int P, typename scalar_t, typename acc_t>
 inline void add_norm_term(const scalar_t* __restrict__ w, int64_t D, acc_t c, acc_t n, acc_t* __restrict__ acc) {
   if (c == acc_t(0)) return;
   if constexpr (P == 1) {
-    for (int64_t j = 0; j < D; ++j) acc[j] += c * sign_of(static_cast<acc_t>(w[j]));
+    int64_t j = 0;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      const __m128 cv = _mm_set1_ps(c), one = _mm_set1_ps(1.0f), zero = _mm_setzero_ps();
+      for (; j + 4 <= D; j += 4) {
+        const __m128 wv = _mm_loadu_ps(w + j);
+        // sign(w) as sign_of: (w > 0) - (w < 0), so 0 for w == 0 and for NaN
+        const __m128 sg = _mm_sub_ps(_mm_and_ps(_mm_cmpgt_ps(wv, zero), one), _mm_and_ps(_mm_cmplt_ps(wv, zero), one));
+        _mm_storeu_ps(acc + j, _mm_add_ps(_mm_loadu_ps(acc + j), _mm_mul_ps(cv, sg)));
+      }
+    }
+#endif
+    for (; j < D; ++j) acc[j] += c * sign_of(static_cast<acc_t>(w[j]));
   } else {
     if (n == acc_t(0)) return;
     const acc_t cn = c / n;

@@ -96,6 +96,7 @@ CASES = [
     ((11, 4, 9), (0, 3, 7), 9),                  # a zero-width field, padding on every field
     ((1, 2), (1, 1), 1),                         # tiny
     ((33, 17, 2, 64), (16, 8, 3, 13), 16),       # wider rows
+    ((9, 21, 6, 14), (4, 8, 16, 12), 16),        # every D_f a multiple of 4: the CUDA vector path
 ]
 
 
