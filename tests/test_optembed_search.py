@@ -186,7 +186,7 @@ def test_retraining_starts_from_the_saved_initial_weights(tiny_data, tmp_path, m
 
     monkeypatch.setattr(oe.OptEmbedRun, "_fit", recording_fit)
     cfg = dict(TINY, ablations=False, baseline=False, export=False, generations=1, measure_speedup=False, epochs=1)
-    for init in ("lottery", "fresh"):
+    for init in ("lottery", "fresh", "supernet"):
         oe.run_optembed(tiny_data, "deepfm", dict(cfg, retrain_init=init), out_dir=tmp_path / init, log=None)
     init_state = torch.load(tmp_path / "lottery" / "init_state.pt", weights_only=True)
     lottery, fresh = starts[("lottery", "retrain")], starts[("fresh", "retrain")]
@@ -198,6 +198,13 @@ def test_retraining_starts_from_the_saved_initial_weights(tiny_data, tmp_path, m
         assert torch.equal(sup[k], v), k
     assert not torch.equal(fresh["embedding.weight"], init_state["embedding.weight"])
     assert torch.equal(fresh["embedding.fixed_row_mask"], lottery["embedding.fixed_row_mask"])
+    # warm start: the retraining starts from the supernet's trained weights
+    trained = torch.load(tmp_path / "supernet" / "phases" / "supernet" / "supernet.pt", weights_only=False)
+    warm = starts[("supernet", "retrain")]
+    for k, v in trained["state_dict"].items():
+        if not k.startswith("embedding.fixed"):
+            assert torch.equal(warm[k], v), k
+    assert not torch.equal(warm["embedding.weight"], init_state["embedding.weight"])
 
 
 # ------------------------------------------------------------------------------------------------- resume

@@ -5,7 +5,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..evolution import EvolutionConfig
 
-RETRAIN_INITS = ("lottery", "fresh")
+#: initial weights of the retraining: the supernet's initial weights (lottery ticket, the paper's), new random
+#: weights, or the supernet's trained weights (warm start)
+RETRAIN_INITS = ("lottery", "fresh", "supernet")
 ABLATION_SUPERNETS = ("separate", "shared")
 
 

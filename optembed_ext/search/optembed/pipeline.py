@@ -339,7 +339,7 @@ class OptEmbedRun:
         out["seconds"] = result["seconds"] + (time.perf_counter() - t_after_search) - speedup_seconds
         return self.finish(name, out)
 
-    def phase_retrain(self, name: str, row_mask, field_dims) -> dict:
+    def phase_retrain(self, name: str, row_mask, field_dims, supernet: str = "supernet") -> dict:
         info = self.done(name)
         if info is not None:
             return info
@@ -348,7 +348,10 @@ class OptEmbedRun:
         fresh_seed = c.seed + 1 if c.retrain_init == "fresh" else None
         torch.manual_seed(fresh_seed if fresh_seed is not None else c.seed)
         model = build_optembed_model(self.model_name, self.fmap, c)
-        self._load_init(model, fresh_seed)
+        if c.retrain_init == "supernet":  # warm start: fine-tune the supernet's trained weights with the masks fixed
+            model.load_state_dict(load_run_file(self.phase_dir(supernet) / "supernet.pt", "supernet")["state_dict"])
+        else:
+            self._load_init(model, fresh_seed)
         model.embedding.freeze(row_mask, field_dims)
         result, seconds = self._fit(name, model, self.epochs("retrain"))
         if self.main:
@@ -422,9 +425,9 @@ class OptEmbedRun:
                 sup_e = sup_d = "supernet"
                 phases["evolution_d"] = evo_d = self.phase_evolution("evolution_d", "supernet", prune_rows=True,
                                                                      use_row_mask=False)
-            phases["retrain_e"] = re_ = self.phase_retrain("retrain_e", self._row_mask_of(sup_e), None)
+            phases["retrain_e"] = re_ = self.phase_retrain("retrain_e", self._row_mask_of(sup_e), None, sup_e)
             variants["optembed_e"] = self._variant(re_, [sup_e, "retrain_e"], phases)
-            phases["retrain_d"] = rd = self.phase_retrain("retrain_d", None, evo_d["best_dims"])
+            phases["retrain_d"] = rd = self.phase_retrain("retrain_d", None, evo_d["best_dims"], sup_d)
             variants["optembed_d"] = self._variant(rd, [sup_d, "evolution_d", "retrain_d"], phases)
 
         sup = phases["supernet"]
