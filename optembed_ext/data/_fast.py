@@ -369,7 +369,8 @@ def _save_partial(work: Path, k: int, counts: dict[int, _FieldCounts]) -> None:
         if not fc.pending:
             continue
         h, n, v = _merge(fc.pending, pa)
-        fc.pending, fc.pending_len = [(h, n, v)], len(h)  # kept for the in-memory merge
+        fc.pending, fc.pending_len = [(h, n, v)], len(h)
+        fc.merge()  # into the running totals: the next partial holds only what comes after this one
         arrays[f"h{c}"], arrays[f"n{c}"] = h, n
         tmp = work / f"p1-{k}-c{c}.part"
         with ipc.new_file(str(tmp), pa.schema([("v", pa.binary())])) as w:
@@ -391,6 +392,8 @@ def _load_partials(work: Path, n: int, counts: dict[int, _FieldCounts]) -> None:
                 with ipc.open_file(str(work / f"p1-{k}-c{c}.arrow")) as r:
                     v = pa.concat_arrays([r.get_batch(j).column(0) for j in range(r.num_record_batches)])
                 fc.add(z[f"h{c}"], z[f"n{c}"], v)
+    for fc in counts.values():
+        fc.merge()  # into the running totals: a later partial must not repeat them
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""The fast encoder (``engine="arrow"``): same arrays, vocabularies and row statistics as the line-by-line path,
+resumable after a kill, memory bounded by the distinct values (not by the rows)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import require_file
+from optembed_ext.data import MalformedRowError, load_vocab, preprocess
+from optembed_ext.data._fast import _hash_values, encode_table_fast
+from optembed_ext.data.formats import PLANNERS
+from optembed_ext.data.generate import generate_raw
+
+pytest.importorskip("pyarrow")
+
+_VOLATILE = ("chunks", "chunk_rows", "engine", "python_blocks", "block_bytes", "seconds")
+
+
+def same_result(a, b):
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.y, b.y)
+    assert a.X.dtype == b.X.dtype
+    assert a.feature_map.cardinalities == b.feature_map.cardinalities
+    assert {k: v for k, v in a.stats.items() if k not in _VOLATILE} == \
+        {k: v for k, v in b.stats.items() if k not in _VOLATILE}
+
+
+@pytest.mark.parametrize("name,rel", [("criteo", "samples/criteo_train_head.txt"),
+                                      ("criteo", "samples/criteo_sample.txt"), ("avazu", "samples/avazu_sample.txt")])
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_same_as_python_path_on_real_samples(shared_data, tmp_path, name, rel, preset):
+    path = require_file(shared_data, rel)
+    a = preprocess(name, path, tmp_path / "py", preset=preset, engine="python", progress=False)
+    b = preprocess(name, path, tmp_path / "arrow", preset=preset, engine="arrow", progress=False)
+    same_result(a, b)
+    assert b.stats["engine"] == "arrow" and load_vocab(a.cache_path) == load_vocab(b.cache_path)
+    assert not list((tmp_path / "arrow").glob(".*.work"))  # the work folder is gone once the cache is written
+
+
+def _messy_criteo(tmp_path, rows=3000):
+    path = tmp_path / "train.txt"
+    generate_raw("criteo", rows, path, seed=11)
+    lines = path.read_bytes().split(b"\n")[:-1]
+    lines[100] = b""                                        # blank line
+    lines[700] = b"x" + lines[700]                          # bad label
+    lines[1500] = b"\t".join(lines[1500].split(b"\t")[:20])  # short row: padded
+    lines[2200] = lines[2200] + b"\t1\t2"                   # too many columns
+    lines[2500] = lines[2500].replace(b"\t", b"\tabc", 1)   # I1 not a number
+    path.write_bytes(b"\r\n".join(lines[:400]) + b"\r\n" + b"\n".join(lines[400:]))  # CRLF at the start, no final EOL
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*malformed rows")
+def test_same_as_python_path_with_malformed_rows_and_small_blocks(tmp_path):
+    path = _messy_criteo(tmp_path)
+    with pytest.warns(UserWarning, match="malformed"):
+        a = preprocess("criteo", path, min_count=2, engine="python", progress=False)
+    plan = PLANNERS["criteo"](path)
+    with pytest.warns(UserWarning, match="malformed"):
+        b = encode_table_fast(plan.schema, plan.source, min_count=2, block_bytes=64 << 10, progress=False)
+    same_result(a, b)
+    assert b.stats["malformed"] == 3 and b.stats["padded_rows"] == 1 and b.stats["blank_lines"] == 1
+    assert 0 < b.stats["python_blocks"] < b.stats["chunks"]  # most blocks took the pyarrow path
+    with pytest.raises(MalformedRowError, match="line 701"):
+        encode_table_fast(plan.schema, plan.source, min_count=2, strict=True, block_bytes=64 << 10, progress=False)
+    for max_rows in (1, 999, 2501):
+        c = preprocess("criteo", path, min_count=2, engine="python", progress=False, max_rows=max_rows)
+        d = encode_table_fast(plan.schema, plan.source, min_count=2, max_rows=max_rows, block_bytes=64 << 10,
+                              progress=False)
+        same_result(c, d)
+
+
+def test_resumes_after_a_kill(tmp_path):
+    path = tmp_path / "train.csv"
+    generate_raw("avazu", 6000, path, seed=12)
+    plan = PLANNERS["avazu"](path, is_weekend=True)
+    want = encode_table_fast(plan.schema, plan.source, min_count=2, block_bytes=32 << 10, progress=False)
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    nblocks = want.stats["chunks"]
+    assert nblocks >= 20
+    for stop in (3, nblocks, 4):  # killed in pass 1, then early in pass 2, then later in pass 2
+        with pytest.raises(KeyboardInterrupt):
+            encode_table_fast(plan.schema, plan.source, min_count=2, block_bytes=32 << 10, progress=False,
+                              out_dir=out, work_dir=work, checkpoint_blocks=2, stop_after_blocks=stop)
+        assert json.loads((work / "state.json").read_text())["params"]["min_count"] == 2
+    got = encode_table_fast(plan.schema, plan.source, min_count=2, block_bytes=32 << 10, progress=False,
+                            out_dir=out, work_dir=work, checkpoint_blocks=2)
+    np.testing.assert_array_equal(want.X, got.X)
+    np.testing.assert_array_equal(want.y, got.y)
+    assert want.vocab == got.vocab and not work.exists()
+
+
+def test_hash_values_distinct_and_empty():
+    import pyarrow as pa
+
+    vals = [b"", b"a", b"b", b"ab", b"ba", b"\x00", b"\x00\x00", b"abc" * 50]
+    h = _hash_values(pa.array(vals, type=pa.binary()))
+    assert h[0] == 0 and len(set(h.tolist())) == len(vals) and (h[1:] != 0).all()
+    sliced = pa.array(vals, type=pa.binary()).slice(2, 3)
+    np.testing.assert_array_equal(_hash_values(sliced), h[2:5])
+
+
+_MEASURE = textwrap.dedent("""
+    import sys, tracemalloc
+    import pyarrow as pa
+    from optembed_ext.data._fast import encode_table_fast
+    from optembed_ext.data.formats import PLANNERS
+    plan = PLANNERS["criteo"](sys.argv[1])
+    tracemalloc.start()
+    encode_table_fast(plan.schema, plan.source, min_count=2, block_bytes=256 << 10, progress=False,
+                      out_dir=sys.argv[2], work_dir=sys.argv[3])
+    print(tracemalloc.get_traced_memory()[1] + pa.default_memory_pool().max_memory())
+""")
+
+
+def test_memory_does_not_grow_with_the_rows(tmp_path):
+    """The same 4000 distinct rows repeated 2x and 16x: peak heap (numpy + pyarrow) stays about the same."""
+    base = tmp_path / "base.txt"
+    generate_raw("criteo", 4000, base, seed=13)
+    data = base.read_bytes()
+    peaks = []
+    for reps in (2, 16):
+        path = tmp_path / f"train{reps}.txt"
+        path.write_bytes(data * reps)
+        out = tmp_path / f"out{reps}"
+        out.mkdir()
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(out), str(tmp_path / f"w{reps}")],
+                           capture_output=True, text=True, check=True)
+        peaks.append(int(r.stdout.strip().splitlines()[-1]))
+    assert peaks[1] < 1.25 * peaks[0] + (2 << 20), peaks  # 8x the rows, not 8x the memory
