@@ -7,7 +7,9 @@ options given on the command line win over the file.
 
 Launched by ``torchrun --nproc_per_node N -m optembed_ext <command> ...`` the command runs data-parallel: the
 process group is started before the command and torn down after it (gloo on the CPU, NCCL for ``--device cuda``),
-and only rank 0 prints.
+and only rank 0 prints. Rank 0 runs the command first: the other ranks start it when rank 0 reaches its first
+collective (:func:`optembed_ext.train.distributed.hold_other_ranks`), so the run folder is set up once, and they
+always continue (never empty) the run folder rank 0 prepared.
 """
 from __future__ import annotations
 
@@ -126,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet = started and not distributed.is_main()  # torchrun: rank 0 prints and logs at the chosen level
     logging.basicConfig(level=max(level, logging.WARNING) if quiet else level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if started:
+        if distributed.is_main():
+            distributed.hold_other_ranks()
+        else:
+            if hasattr(args, "resume"):
+                args.resume = True  # --no-resume empties the folder on rank 0 only
+            distributed.wait_for_rank0()
     try:
         with open(os.devnull, "w") if quiet else contextlib.nullcontext() as sink:
             with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if started:
+            distributed.release_other_ranks()  # a command without collectives (or one that failed early)
             distributed.destroy()
 
 

@@ -199,6 +199,9 @@ def shard_torchrec_model(model: TorchRecCTRModel, *, process_group=None, device:
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
 
+    from ..train.distributed import release_other_ranks
+
+    release_other_ranks()
     pg = process_group if process_group is not None else dist.group.WORLD
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else \

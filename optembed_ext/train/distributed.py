@@ -15,6 +15,9 @@ Conventions (the trainer's):
 * Evaluation splits a split into contiguous per-rank blocks, gathers the predictions and labels, and computes the
   AUC / log loss of the whole split on every rank (never an average of per-rank AUCs).
 * Files are written by rank 0 (:func:`is_main`); every rank reads them back after a :func:`barrier`.
+* Under torchrun the command line lets rank 0 go first (:func:`hold_other_ranks`): the other ranks start the command
+  only when rank 0 reaches its first collective (every helper here, the trainer's DDP, the TorchRec planner), so
+  the command's own run-folder bookkeeping and data preparation never run on two ranks at the same time.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "shard_bounds", "init_from_env",
            "destroy", "broadcast_object", "all_gather_objects", "all_reduce_sum", "gather_rows",
-           "launched_by_torchrun", "SparseAwareDDP"]
+           "launched_by_torchrun", "SparseAwareDDP", "hold_other_ranks", "release_other_ranks", "wait_for_rank0"]
 
 
 def is_distributed() -> bool:
@@ -53,8 +56,34 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_held = False
+
+
+def hold_other_ranks() -> None:
+    """Rank 0 (called by the command line before the command): the other ranks, waiting in
+    :func:`wait_for_rank0`, start once rank 0 reaches its first collective (:func:`release_other_ranks`)."""
+    global _held
+    _held = is_distributed() and rank() == 0
+
+
+def release_other_ranks() -> None:
+    """Let the ranks held by :func:`hold_other_ranks` start (no-op elsewhere and after the first call); every
+    collective of this package calls it first."""
+    global _held
+    if _held:
+        _held = False
+        dist.barrier()
+
+
+def wait_for_rank0() -> None:
+    """Ranks other than 0 (called by the command line): wait until rank 0 releases them."""
+    if is_distributed() and rank() != 0:
+        dist.barrier()
+
+
 def barrier() -> None:
     if is_distributed():
+        release_other_ranks()
         dist.barrier()
 
 
@@ -106,6 +135,7 @@ def broadcast_object(obj, src: int = 0):
     """``obj`` of rank ``src`` on every rank (picklable objects)."""
     if not is_distributed():
         return obj
+    release_other_ranks()
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -115,6 +145,7 @@ def all_gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
     if not is_distributed():
         return [obj]
+    release_other_ranks()
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -129,6 +160,7 @@ def all_reduce_sum(values) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if not is_distributed():
         return arr
+    release_other_ranks()
     t = torch.as_tensor(arr, device=_comm_device())
     dist.all_reduce(t)
     return t.cpu().numpy()
@@ -169,6 +201,10 @@ class SparseAwareDDP(DistributedDataParallel):
     module of this package with ``sparse_grad`` set names its sparse parameters in ``sparse_parameters()``, and
     those are reduced as sparse tensors (gloo) here.
     """
+
+    def __init__(self, module, *args, **kwargs):
+        release_other_ranks()  # construction is a collective (the parameters are broadcast from rank 0)
+        super().__init__(module, *args, **kwargs)
 
     def _build_params_for_reducer(self):
         parameters, expect_sparse = super()._build_params_for_reducer()
