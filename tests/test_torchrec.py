@@ -82,28 +82,35 @@ def test_export_from_a_saved_search_result(tmp_path):
 
 
 # --------------------------------------------------------------------------------- DistributedModelParallel
-def _serve_sharded(sharding_types):
+SHARDINGS = {"planner": None, "table_wise": ["table_wise"]}
+
+
+def _serve_sharded():
     import torch.distributed as dist
 
     from optembed_ext.export.torchrec import export_torchrec, shard_torchrec_model
 
     model, fmap = searched_model(oov=True)
     compact = export_compact(model, model_name="deepfm", model_cfg=MODEL_CFG).eval()
-    dmp, plan = shard_torchrec_model(export_torchrec(compact), sharding_types=sharding_types)
-    ids = random_ids(fmap, 96 + 7 * dist.get_rank(), 10 + dist.get_rank())  # each rank its own batch
-    with torch.no_grad():
-        out = dmp(ids)
-        expected = compact(ids)
-    return {"max_diff": float((out - expected).abs().max()), "n": int(out.numel()), "plan": str(plan)}
+    out = {}
+    for name, sharding_types in SHARDINGS.items():
+        dmp, plan = shard_torchrec_model(export_torchrec(compact), sharding_types=sharding_types)
+        ids = random_ids(fmap, 96 + 7 * dist.get_rank(), 10 + dist.get_rank())  # each rank its own batch
+        with torch.no_grad():
+            logits = dmp(ids)
+            expected = compact(ids)
+        out[name] = {"max_diff": float((logits - expected).abs().max()), "n": int(logits.numel()), "plan": str(plan)}
+    return out
 
 
-@pytest.mark.parametrize("sharding_types", [None, ["table_wise"]], ids=["planner", "table_wise"])
-def test_sharded_torchrec_model_serves_the_compact_logits_on_two_ranks(tmp_path, sharding_types):
+def test_sharded_torchrec_model_serves_the_compact_logits_on_two_ranks(tmp_path):
     from test_distributed import run_ranks
 
-    ranks = run_ranks(_serve_sharded, (sharding_types,), tmp_path)
-    assert [r["n"] for r in ranks] == [96, 103]
-    for r in ranks:
-        assert r["max_diff"] <= 1e-5, r
-    if sharding_types == ["table_wise"]:  # each table on one rank (TorchRec shards row-wise on CUDA only)
-        assert "table_wise" in ranks[0]["plan"] and "data_parallel" not in ranks[0]["plan"]
+    ranks = run_ranks(_serve_sharded, (), tmp_path)
+    for name in SHARDINGS:
+        assert [r[name]["n"] for r in ranks] == [96, 103]
+        for r in ranks:
+            assert r[name]["max_diff"] <= 1e-5, (name, r[name])
+    # table-wise: each table on one rank (TorchRec shards row-wise on CUDA only)
+    plan = ranks[0]["table_wise"]["plan"]
+    assert "table_wise" in plan and "data_parallel" not in plan
