@@ -44,10 +44,9 @@
 
 namespace optembed {
 
-CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at::Tensor& field_offsets,
-                                             const at::Tensor& field_dims, const at::Tensor& remap,
-                                             const at::Tensor& indices, int64_t out_dim,
-                                             const c10::optional<at::Tensor>& oov) {
+void compact_embedding_check_args(const at::Tensor& packed, const at::Tensor& field_offsets,
+                                  const at::Tensor& field_dims, const at::Tensor& remap, const at::Tensor& indices,
+                                  int64_t out_dim, const c10::optional<at::Tensor>& oov) {
   TORCH_CHECK(packed.dim() == 1, "compact_embedding: packed must be 1-D (all field tables flattened), got shape ",
               packed.sizes());
   OPTEMBED_CHECK_FLOAT_DTYPE(packed, "compact_embedding: packed");
@@ -78,19 +77,16 @@ CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at:
                 " must match packed dtype ", packed.scalar_type());
     TORCH_CHECK(oov->device() == packed.device(), "compact_embedding: oov must be on ", packed.device());
   }
+}
+
+CompactLayout compact_embedding_layout_from(const int64_t* offs_in, const int64_t* dims_in, int64_t F, int64_t P,
+                                            int64_t out_dim) {
   CompactLayout L;
-  {
-    const at::Tensor offs_cpu = field_offsets.to(at::kCPU).contiguous();
-    const at::Tensor dims_cpu = field_dims.to(at::kCPU).contiguous();
-    const int64_t* o = offs_cpu.data_ptr<int64_t>();
-    const int64_t* d = dims_cpu.data_ptr<int64_t>();
-    L.offs.assign(o, o + F + 1);
-    L.dims.assign(d, d + F);
-  }
+  L.offs.assign(offs_in, offs_in + F + 1);
+  L.dims.assign(dims_in, dims_in + F);
   const std::vector<int64_t>& offs = L.offs;
   const std::vector<int64_t>& dims = L.dims;
   std::vector<int64_t>& rows = L.rows;
-  const int64_t P = packed.numel();
   // Layout values: ValueError naming the argument (optembed_ext.reference.compact_embedding raises the same).
   TORCH_CHECK_VALUE(offs[0] >= 0, "compact_embedding: field_offsets[0] must be >= 0, got ", offs[0]);
   TORCH_CHECK_VALUE(offs[F] <= P, "compact_embedding: field_offsets[F] = ", offs[F], " exceeds packed.numel() = ",
@@ -116,6 +112,18 @@ CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at:
     }
   }
   return L;
+}
+
+CompactLayout compact_embedding_check_layout(const at::Tensor& packed, const at::Tensor& field_offsets,
+                                             const at::Tensor& field_dims, const at::Tensor& remap,
+                                             const at::Tensor& indices, int64_t out_dim,
+                                             const c10::optional<at::Tensor>& oov) {
+  compact_embedding_check_args(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
+  const int64_t F = indices.size(1);
+  const at::Tensor offs_cpu = field_offsets.to(at::kCPU).contiguous();
+  const at::Tensor dims_cpu = field_dims.to(at::kCPU).contiguous();
+  return compact_embedding_layout_from(offs_cpu.const_data_ptr<int64_t>(), dims_cpu.const_data_ptr<int64_t>(), F,
+                                       packed.numel(), out_dim);
 }
 
 namespace {

@@ -472,8 +472,11 @@ def compact_embedding(packed: Tensor, field_offsets: Tensor, field_dims: Tensor,
         indices: ``(B, F)`` int32/int64 global ids. out_dim: width of the zero-padded output.
         oov: ``(F, out_dim)`` vector served for pruned ids (its first ``D_f`` entries), or None (zeros).
         check_indices: validate ids and remapped rows inside the kernel (``IndexError`` naming ``indices`` or
-            ``remap``, first bad lookup). With False an invalid lookup yields zeros and no gradient; the layout
-            (``field_offsets``, ``field_dims``) is always validated (``ValueError``).
+            ``remap``, first bad lookup) and the layout (``field_offsets``, ``field_dims``, ``ValueError``); on CUDA
+            with one host synchronisation. With False an invalid lookup yields zeros and no gradient, and the CUDA
+            kernel does not read the layout back to the host (no synchronisation): a field whose block does not fit
+            ``packed`` serves zeros (:class:`~optembed_ext.nn.CompactEmbedding` validates its layout once). The CPU
+            kernel and the reference always validate the layout.
         deterministic: fixed accumulation order in the backward pass (the CPU kernel always is).
         sparse: the gradient of ``packed`` is a 1-D sparse COO tensor of the looked-up entries.
 

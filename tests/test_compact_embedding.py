@@ -560,3 +560,24 @@ def test_unchecked_invalid_lookups_read_and_write_nothing(device, mode, use_ref)
     gp = packed.grad.to_dense() if packed.grad.is_sparse else packed.grad
     torch.testing.assert_close(gp, p_r.grad)
     torch.testing.assert_close(oov.grad, o_r.grad)
+
+
+# ------------------------------------------------------------------------------------ layout validated once
+def test_unchecked_module_validates_its_layout_once(device):
+    """CompactEmbedding(check_indices=False) validates field_offsets / field_dims once before its first lookup (the
+    unchecked CUDA op does not read the layout back), and again after a state dict is loaded."""
+    from optembed_ext.data import FeatureMap
+    from optembed_ext.nn.compact import CompactEmbedding
+
+    fmap = FeatureMap("t", ["a", "b"], [4, 3])
+    emb = CompactEmbedding(fmap, 4, [2, 3], [4, 2], check_indices=False).to(device)
+    ids = torch.tensor([[0, 4], [1, 6]], device=device)
+    emb(ids)
+    assert emb._layout_checked
+    state = emb.state_dict()
+    state["field_offsets"] = state["field_offsets"].clone()
+    state["field_offsets"][2] += 5  # the last block would end past packed
+    emb.load_state_dict(state)
+    assert not emb._layout_checked
+    with pytest.raises(ValueError, match="field_offsets"):
+        emb(ids)

@@ -4,8 +4,9 @@
 // Forward, one kernel. One group of G lanes per lookup (b, f) (G = power of two covering out_dim's 16-byte units,
 // at most a warp): the group resolves r = remap[indices[b, f]] and copies the D_f leading values of the field's
 // row r (or of oov[f] for a pruned id, or zeros) into out[b, f, :D_f] and zero-pads up to out_dim. 16-byte vector
-// loads/stores when every field offset and dimension, out_dim and the base pointers allow them (decided on the
-// host from the structural tensors it validates anyway), scalar otherwise. Each output element is written once,
+// loads/stores when out_dim and the base pointers allow them (host) and, per lookup, when its field's offset and
+// width are multiples of the vector width (device: the layout is never copied to the host for that), scalar
+// otherwise. Each output element is written once,
 // each kept row read once per lookup. With check_indices the ids and remapped rows are validated on the device
 // (the smallest failing lookup is recorded in an error slot and raised on the host, naming `indices` / `remap`);
 // invalid lookups never touch memory, whatever check_indices says, and produce zeros.
@@ -21,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
@@ -42,10 +44,21 @@ namespace {
 
 // Resolves lookup `pos`: returns the local row r >= -1 of its field, or -2 when the id or the remapped row is
 // out of range (recorded in errors[0] when errors != nullptr).
+// The layout is not validated on the host for unchecked calls (the module validated it once): a field whose block
+// does not fit packed (P values) or out_dim (D) serves nothing, so no layout ever makes a kernel touch memory
+// outside packed / out; checked calls raise the layout error on the host after the launch.
+__device__ __forceinline__ bool field_ok(const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
+                                         int64_t f, int64_t P, int64_t D) {
+  const int64_t o0 = offs[f], o1 = offs[f + 1], d = dims[f];
+  return o0 >= 0 && o0 <= o1 && o1 <= P && d >= 0 && d <= D && (d == 0 ? o1 == o0 : (o1 - o0) % d == 0);
+}
+
 template <typename remap_t>
 __device__ __forceinline__ int64_t resolve_row(const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
                                                const remap_t* __restrict__ remap, const int64_t* __restrict__ indices,
-                                               int64_t pos, int64_t f, int64_t N, int64_t* errors, bool report) {
+                                               int64_t pos, int64_t f, int64_t N, int64_t P, int64_t D,
+                                               int64_t* errors, bool report) {
+  if (!field_ok(offs, dims, f, P, D)) return -2;
   const int64_t id = indices[pos];
   bool ok = id >= 0 && id < N;
   int64_t r = -2;
@@ -69,17 +82,21 @@ template <typename scalar_t, typename remap_t, bool HAS_OOV, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) compact_embedding_forward_kernel(
     const scalar_t* __restrict__ packed, const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
     const remap_t* __restrict__ remap, const int64_t* __restrict__ indices, const scalar_t* __restrict__ oov,
-    scalar_t* __restrict__ out, int64_t* __restrict__ errors, int64_t R, int64_t F, int64_t D, int64_t N, int G) {
+    scalar_t* __restrict__ out, int64_t* __restrict__ errors, int64_t R, int64_t F, int64_t D, int64_t N, int64_t P,
+    int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int64_t pos = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   if (pos >= R) return;  // no shuffles in this kernel
   const int64_t f = pos % F;
   const int64_t d = dims[f];
-  const int64_t r = resolve_row(offs, dims, remap, indices, pos, f, N, errors, lane == 0);
+  const int64_t r = resolve_row(offs, dims, remap, indices, pos, f, N, P, D, errors, lane == 0);
   const scalar_t* src = nullptr;
+  bool vec_src = true;  // 16-byte loads from src: the OOV row always (D % VEC == 0), a packed row when its field's
+                        // offset and width are multiples of VEC (decided here, per field: no host copy of the layout)
   if (r >= 0) {
     src = packed + offs[f] + r * d;
+    vec_src = VEC == 1 || (offs[f] % VEC == 0 && d % VEC == 0);
   } else if (HAS_OOV && r == -1) {
     src = oov + f * D;
   }
@@ -88,7 +105,10 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_forward_kerne
   for (int64_t u = lane; u < units; u += G) {
     const int64_t j0 = u * VEC;
     acc_t v[VEC];
-    if (src != nullptr && j0 < d) {
+    if (src != nullptr && j0 < d && !vec_src) {  // scalar fallback inside a vector launch
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[e] = j0 + e < d ? static_cast<acc_t>(src[j0 + e]) : acc_t(0);
+    } else if (src != nullptr && j0 < d) {
       load_vec<VEC>(src + j0, v);  // vector path: d % VEC == 0, so the whole unit lies inside the row
 #pragma unroll
       for (int e = 0; e < VEC; ++e) v[e] = j0 + e < d ? v[e] : acc_t(0);
@@ -107,12 +127,12 @@ template <typename remap_t, bool HAS_OOV>
 __global__ void compact_embedding_keys_kernel(const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
                                               const remap_t* __restrict__ remap,
                                               const int64_t* __restrict__ indices, int64_t* __restrict__ keys,
-                                              int64_t R, int64_t F, int64_t N, int64_t P) {
+                                              int64_t R, int64_t F, int64_t N, int64_t P, int64_t D) {
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= R) return;
   const int64_t f = pos % F;
   const int64_t d = dims[f];
-  const int64_t r = resolve_row(offs, dims, remap, indices, pos, f, N, nullptr, false);
+  const int64_t r = resolve_row(offs, dims, remap, indices, pos, f, N, P, D, nullptr, false);
   int64_t key = P + F;  // no destination
   if (d > 0 && r >= 0) {
     key = offs[f] + r * d;
@@ -152,10 +172,13 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_segment_kerne
 #pragma unroll
       for (int e = 0; e < VEC; ++e) sum[e] += g[e];
     }
-    if constexpr (VEC == 1) {
-      dst[j0] = static_cast<scalar_t>(sum[0]);
+    if (VEC == 1 || (key % VEC == 0 && d % VEC == 0)) {
+      store_vec<VEC>(dst + j0, sum);  // vector path: d % VEC == 0 and an aligned destination
     } else {
-      store_vec<VEC>(dst + j0, sum);  // vector path: d % VEC == 0
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (j0 + e < d) dst[j0 + e] = static_cast<scalar_t>(sum[e]);
+      }
     }
   }
 }
@@ -168,14 +191,14 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_atomic_kernel
     const scalar_t* __restrict__ grad_out, const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
     const remap_t* __restrict__ remap, const int64_t* __restrict__ indices,
     at::opmath_type<scalar_t>* __restrict__ acc_packed, at::opmath_type<scalar_t>* __restrict__ acc_oov, int64_t R,
-    int64_t F, int64_t D, int64_t N, int G) {
+    int64_t F, int64_t D, int64_t N, int64_t P, int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int64_t pos = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   if (pos >= R) return;  // no shuffles in this kernel
   const int64_t f = pos % F;
   const int64_t d = dims[f];
-  const int64_t r = resolve_row(offs, dims, remap, indices, pos, f, N, nullptr, false);
+  const int64_t r = resolve_row(offs, dims, remap, indices, pos, f, N, P, D, nullptr, false);
   acc_t* dst = nullptr;
   if (r >= 0) {
     dst = acc_packed + offs[f] + r * d;
@@ -200,26 +223,21 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_atomic_kernel
 // ---------------------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------------------
-// 16-byte vector accesses are valid when every row start and width is a multiple of the vector width.
-bool layout_allows_vec(const CompactLayout& L, int64_t out_dim, int vec) {
-  if (vec == 1) return true;
-  if (out_dim % vec != 0) return false;
-  for (size_t f = 0; f < L.dims.size(); ++f) {
-    if (L.offs[f] % vec != 0 || L.dims[f] % vec != 0) return false;
-  }
-  return true;
-}
-
 at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Tensor& field_offsets,
                                           const at::Tensor& field_dims, const at::Tensor& remap,
                                           const at::Tensor& indices, int64_t out_dim,
                                           const std::optional<at::Tensor>& oov, bool check_indices) {
-  const CompactLayout layout =
-      compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
-  const int64_t B = indices.size(0), F = indices.size(1), D = out_dim, N = remap.numel();
+  // Shapes, dtypes, devices only: the layout values are read on the device (per-field vector decision, field_ok).
+  // Checked calls validate the layout with the same single host copy that reads the error slot (one sync per call);
+  // unchecked calls never synchronise (CompactEmbedding validates its layout once, when it is built or loaded).
+  compact_embedding_check_args(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
+  const int64_t B = indices.size(0), F = indices.size(1), D = out_dim, N = remap.numel(), P = packed.numel();
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({B, F, D}, packed.options());
-  if (B * F == 0) return out;  // no lookups: nothing to check (out_dim = 0 still checks the ids)
+  if (B * F == 0) {  // no lookups: only the layout is checked
+    if (check_indices) compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, out_dim, oov);
+    return out;
+  }
   const int64_t R = B * F;
   const at::Tensor packed_c = packed.contiguous();
   const at::Tensor offs_c = field_offsets.contiguous();
@@ -232,8 +250,7 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
 
   OPTEMBED_DISPATCH_FLOATING(packed.scalar_type(), "compact_embedding_forward_cuda", [&] {
     constexpr int kVec = vec_width<scalar_t>();
-    const bool vec_ok = layout_allows_vec(layout, D, kVec) && aligned16(packed_c.const_data_ptr()) &&
-                        aligned16(out.const_data_ptr()) &&
+    const bool vec_ok = D % kVec == 0 && aligned16(packed_c.const_data_ptr()) && aligned16(out.const_data_ptr()) &&
                         (!oov_c.defined() || aligned16(oov_c.const_data_ptr()));
     OPTEMBED_DISPATCH_INDEX(remap_c.scalar_type(), "compact_embedding: remap", [&] {
       using remap_t = index_t;
@@ -245,7 +262,7 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
               packed_c.const_data_ptr<scalar_t>(), offs_c.const_data_ptr<int64_t>(),
               dims_c.const_data_ptr<int64_t>(), remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<int64_t>(),
               kHasOov ? oov_c.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-              errors.defined() ? errors.mutable_data_ptr<int64_t>() : nullptr, R, F, D, N, L.G);
+              errors.defined() ? errors.mutable_data_ptr<int64_t>() : nullptr, R, F, D, N, P, L.G);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -253,7 +270,10 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
   });
 
   if (check_indices) {
-    const int64_t bad = read_error_slots(errors)[0];
+    // one copy: [error slot, field_offsets (F + 1), field_dims (F)]
+    const std::vector<int64_t> host = read_error_slots(at::cat({errors, offs_c, dims_c}));
+    const CompactLayout layout = compact_embedding_layout_from(host.data() + 1, host.data() + 2 + F, F, P, D);
+    const int64_t bad = host[0];
     if (bad != kNoError) {
       const int64_t b = bad / F, f = bad % F;
       const int64_t id = idx.select(0, b).select(0, f).item<int64_t>();
@@ -279,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
               grad_out.scalar_type(), " must match packed dtype ", packed.scalar_type());
   TORCH_CHECK(grad_out.device() == packed.device(), "compact_embedding: grad_out must be on ", packed.device(),
               ", got ", grad_out.device());
-  const CompactLayout layout =
-      compact_embedding_check_layout(packed, field_offsets, field_dims, remap, indices, D, oov);
+  // The backward trusts the layout the forward (or the module) validated: no host copy, no synchronisation.
+  compact_embedding_check_args(packed, field_offsets, field_dims, remap, indices, D, oov);
   const int64_t B = indices.size(0), F = indices.size(1), N = remap.numel(), P = packed.numel();
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor grad_packed = at::zeros({P}, packed.options());
@@ -298,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
   OPTEMBED_DISPATCH_FLOATING(packed.scalar_type(), "compact_embedding_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = vec_width<scalar_t>();
-    const bool vec_ok = layout_allows_vec(layout, D, kVec) && aligned16(g.const_data_ptr());
+    const bool vec_ok = D % kVec == 0 && aligned16(g.const_data_ptr());  // packed stores: decided per field
     OPTEMBED_DISPATCH_INDEX(remap_c.scalar_type(), "compact_embedding: remap", [&] {
       using remap_t = index_t;
       OPTEMBED_BOOL_SWITCH(has_oov, kHasOov, [&] {
@@ -308,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
               <<<static_cast<unsigned>(ceil_div(R, kBlockThreads)), kBlockThreads, 0, stream>>>(
                   offs_c.const_data_ptr<int64_t>(), dims_c.const_data_ptr<int64_t>(),
                   remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<int64_t>(), keys.mutable_data_ptr<int64_t>(),
-                  R, F, N, P);
+                  R, F, N, P, D);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           // Stable: equal destinations keep ascending lookup order.
           const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -334,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
             compact_embedding_atomic_kernel<scalar_t, remap_t, kHasOov, V><<<L.blocks, kBlockThreads, 0, stream>>>(
                 g.const_data_ptr<scalar_t>(), offs_c.const_data_ptr<int64_t>(), dims_c.const_data_ptr<int64_t>(),
                 remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<int64_t>(), acc_packed.mutable_data_ptr<acc_t>(),
-                kHasOov ? acc_oov.mutable_data_ptr<acc_t>() : nullptr, R, F, D, N, L.G);
+                kHasOov ? acc_oov.mutable_data_ptr<acc_t>() : nullptr, R, F, D, N, P, L.G);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
           if constexpr (kReduced) {

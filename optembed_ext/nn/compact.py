@@ -82,6 +82,7 @@ class CompactEmbedding(EmbeddingModule):
         self.field_rows = [0 if d == 0 else r for r, d in zip(rows, dims)]
         self.sparse_grad = bool(sparse)
         self.check_indices = bool(check_indices)
+        self._layout_checked = False
         self.packed = nn.Parameter(torch.zeros(offsets[-1], dtype=dtype))
         self.register_buffer("field_offsets", torch.tensor(offsets, dtype=torch.long))
         self.register_buffer("field_dims", torch.tensor(dims, dtype=torch.long))
@@ -160,10 +161,24 @@ class CompactEmbedding(EmbeddingModule):
     # ---------------------------------------------------------------- forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # per-field ranges checked without a host sync (device-side assert); the op checks the remapped rows
+        if not self.check_indices and not self._layout_checked:
+            self._validate_layout()  # once: unchecked CUDA lookups do not read the layout back to the host
         ids = self.global_ids(ids, check_range=self.check_indices)
         return _ops().compact_embedding(self.packed, self.field_offsets, self.field_dims, self.remap, ids,
                                         self.embed_dim, self.oov_weight, check_indices=self.check_indices,
                                         sparse=self.sparse_grad)
+
+    def _validate_layout(self) -> None:
+        """ValueError unless ``field_offsets`` / ``field_dims`` describe blocks of ``packed`` (a lookup of no ids)."""
+        with torch.no_grad():
+            no_ids = torch.zeros(0, self.num_fields, dtype=torch.long, device=self.packed.device)
+            _ops().compact_embedding(self.packed, self.field_offsets, self.field_dims, self.remap, no_ids,
+                                     self.embed_dim, self.oov_weight, check_indices=True)
+        self._layout_checked = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._layout_checked = False  # a loaded layout is validated again before the next unchecked lookup
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.packed] if self.sparse_grad else []
