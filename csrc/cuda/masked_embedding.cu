@@ -32,6 +32,7 @@
 // same pipeline and applies the optimizer to the row instead of writing a gradient. grad_threshold = tpos.view(B, F).sum(0), grad_oov = per-(field, column)
 // partial sums over batch chunks (kernel C) followed by a sum over chunks: both fixed-order reductions, so
 // both are deterministic in every mode.
+// int32 and int64 ids are read as they are (the kernels are templated on the index type; no int64 copy).
 // The backward trusts the indices / dims the forward validated (it never synchronises): an out-of-range index
 // contributes nothing, dims are clamped to [0, D].
 #include <ATen/core/Tensor.h>
@@ -87,9 +88,9 @@ constexpr int kErrThreshold = 2;  // field with a NaN threshold
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
-template <typename scalar_t, int P, bool HAS_DIMS, bool HAS_OOV, int VEC>
+template <typename scalar_t, typename index_t, int P, bool HAS_DIMS, bool HAS_OOV, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel(
-    const scalar_t* __restrict__ weight, const int64_t* __restrict__ indices,
+    const scalar_t* __restrict__ weight, const index_t* __restrict__ indices,
     const at::opmath_type<scalar_t>* __restrict__ threshold,  // (F,) or nullptr
     const int64_t* __restrict__ dims, int64_t dims_stride_b, const scalar_t* __restrict__ oov,
     scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ norm_out, int64_t* __restrict__ errors,
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel
   int64_t r = 0;
   bool valid = false;
   if (active) {
-    r = indices[pos];
+    r = static_cast<int64_t>(indices[pos]);
     valid = r >= 0 && r < N;
     if (errors != nullptr && lane == 0) {  // check_indices: record, the host raises after the launch
       if (!valid) record_error(errors + kErrIndex, pos);
@@ -163,9 +164,9 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_forward_kernel
 // ---------------------------------------------------------------------------------------------------------
 // Backward kernel A: per-position contributions
 // ---------------------------------------------------------------------------------------------------------
-template <typename scalar_t, int P, bool HAS_DIMS, bool HAS_OOV, int VEC>
+template <typename scalar_t, typename index_t, int P, bool HAS_DIMS, bool HAS_OOV, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) masked_embedding_backward_rows_kernel(
-    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ weight, const int64_t* __restrict__ indices,
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ weight, const index_t* __restrict__ indices,
     const at::opmath_type<scalar_t>* __restrict__ norm, const at::opmath_type<scalar_t>* __restrict__ threshold,
     const int64_t* __restrict__ dims, int64_t dims_stride_b, const scalar_t* __restrict__ oov,
     at::opmath_type<scalar_t>* __restrict__ pos_grad,     // (R, D) per-position rows, or nullptr
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(kBlockThreads) masked_embedding_backward_rows_
   acc_t h = acc_t(0), n = acc_t(0);
   bool keep = true, nan_x = false;
   if (active) {
-    r = indices[pos];
+    r = static_cast<int64_t>(indices[pos]);
     valid = r >= 0 && r < N;
     f = pos % F;
     k = kept_dims<HAS_DIMS>(dims, dims_stride_b, pos / F, f, D);
@@ -471,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
   if (R == 0) return {out, norm};
 
   const at::Tensor w = weight.contiguous();
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor idx = indices.contiguous();  // int32 or int64: the kernels are templated on the index type
   const at::Tensor thr = threshold.has_value() ? threshold->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor dm = dims.has_value() ? dims->to(at::kLong).contiguous() : at::Tensor();
   const int64_t dims_stride_b = (dims.has_value() && dims->dim() == 2) ? s.F : 0;
@@ -484,15 +485,16 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
     constexpr int kVec = vec_width<scalar_t>();
     const bool vec_ok = s.D % kVec == 0 && aligned16(w.data_ptr()) && aligned16(out.data_ptr()) &&
                         (!oov.defined() || aligned16(oov.data_ptr()));
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "masked_embedding: indices", [&] {
     OPTEMBED_P_SWITCH(p, kP, [&] {
       OPTEMBED_BOOL_SWITCH(dims.has_value(), kHasDims, [&] {
         OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
           OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
             constexpr int V = kVecOk ? kVec : 1;
             const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
-            masked_embedding_forward_kernel<scalar_t, kP, kHasDims, kHasOov, V>
+            masked_embedding_forward_kernel<scalar_t, index_t, kP, kHasDims, kHasOov, V>
                 <<<L.blocks, kBlockThreads, 0, stream>>>(
-                    w.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
+                    w.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
                     dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b,
                     oov.defined() ? oov.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                     norm.data_ptr<acc_t>(), errors.defined() ? errors.data_ptr<int64_t>() : nullptr, R, s.F, s.N, s.D, L.G);
@@ -500,6 +502,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
           });
         });
       });
+    });
     });
   });
 
@@ -510,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
     if (err[kErrIndex] != kNoError) {
       const int64_t pos = err[kErrIndex];
       TORCH_CHECK_INDEX(false, "indices[", pos / s.F, ", ", pos % s.F, "] = ",
-                        idx.view({R}).select(0, pos).item<int64_t>(), " is out of range for weight with N = ", s.N,
+                        idx.view({R}).select(0, pos).to(at::kLong).item<int64_t>(), " is out of range for weight with N = ", s.N,
                         " rows (valid ids are 0 <= id < N)");
     }
     if (err[kErrDims] != kNoError) {
@@ -554,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
 
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor w = weight.contiguous();
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor idx = indices.contiguous();  // int32 or int64: the kernels are templated on the index type
   const at::Tensor nrm = norm.to(acc_type).contiguous();
   const at::Tensor thr = threshold.has_value() ? threshold->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor dm = dims.has_value() ? dims->to(at::kLong).contiguous() : at::Tensor();
@@ -579,15 +582,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
     constexpr int kVec = vec_width<scalar_t>();
     const bool vec_ok = s.D % kVec == 0 && aligned16(w.data_ptr()) && aligned16(g.data_ptr()) &&
                         (!oov.defined() || aligned16(oov.data_ptr()));
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "masked_embedding: indices", [&] {
     OPTEMBED_P_SWITCH(p, kP, [&] {
       OPTEMBED_BOOL_SWITCH(dims.has_value(), kHasDims, [&] {
         OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
           OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
             constexpr int V = kVecOk ? kVec : 1;
             const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
-            masked_embedding_backward_rows_kernel<scalar_t, kP, kHasDims, kHasOov, V>
+            masked_embedding_backward_rows_kernel<scalar_t, index_t, kP, kHasDims, kHasOov, V>
                 <<<L.blocks, kBlockThreads, 0, stream>>>(
-                    g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), nrm.data_ptr<acc_t>(),
+                    g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), nrm.data_ptr<acc_t>(),
                     thr.defined() ? thr.data_ptr<acc_t>() : nullptr, dm.defined() ? dm.data_ptr<int64_t>() : nullptr,
                     dims_stride_b, oov.defined() ? oov.data_ptr<scalar_t>() : nullptr,
                     pos_grad.defined() ? pos_grad.data_ptr<acc_t>() : nullptr,
@@ -597,6 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
           });
         });
       });
+    });
     });
 
     if (sorted_dense) {
@@ -678,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
                                                : at::zeros({0}, weight.options());
   if (R == 0 || s.D == 0) return {grad_threshold, grad_oov};
 
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor idx = indices.contiguous();  // int32 or int64: the kernels are templated on the index type
   const at::Tensor nrm = norm.to(acc_type).contiguous();
   const at::Tensor thr = threshold.has_value() ? threshold->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor dm = dims.has_value() ? dims->to(at::kLong).contiguous() : at::Tensor();
@@ -698,15 +703,16 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
     constexpr int kVec = vec_width<scalar_t>();
     const bool vec_ok = s.D % kVec == 0 && aligned16(weight.data_ptr()) && aligned16(g.data_ptr()) &&
                         (!oov.defined() || aligned16(oov.data_ptr()));
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "masked_embedding: indices", [&] {
     OPTEMBED_P_SWITCH(p, kP, [&] {
       OPTEMBED_BOOL_SWITCH(dims.has_value(), kHasDims, [&] {
         OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
           OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
             constexpr int V = kVecOk ? kVec : 1;
             const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
-            masked_embedding_backward_rows_kernel<scalar_t, kP, kHasDims, kHasOov, V>
+            masked_embedding_backward_rows_kernel<scalar_t, index_t, kP, kHasDims, kHasOov, V>
                 <<<L.blocks, kBlockThreads, 0, stream>>>(
-                    g.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+                    g.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
                     nrm.data_ptr<acc_t>(), thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
                     dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b,
                     oov.defined() ? oov.data_ptr<scalar_t>() : nullptr, pos_grad.data_ptr<acc_t>(), nullptr,
@@ -715,6 +721,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
           });
         });
       });
+    });
     });
     // grad_oov reads only grad_out and the norms: computed before the rows change (stream order anyway)
     if (oov_weight.has_value() && threshold.has_value()) {
