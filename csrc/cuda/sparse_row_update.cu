@@ -4,7 +4,9 @@
 //
 //   1. validation: one thread per position records the first out-of-range index in an error slot; the host reads
 //      it (one small synchronising copy) and raises naming `indices` BEFORE anything is updated, as on the CPU.
-//   2. stable sort of the indices (at::sort, cub radix sort): (row, position) pairs ordered by row then position.
+//   2. stable radix sort of the indices over the bits rows need (sort_rows.cuh): (row, position) pairs ordered by
+//      row then position; full chunks of kRowChunk slots inside one run are pre-summed (chunk_sum_kernel), so a hot
+//      row's run is not summed by one group alone.
 //   3. one group of G lanes per sorted slot (G = power of two covering the row's 16-byte units, at most a warp);
 //      the group at the head of each segment (= each distinct row) sums the segment's gradient rows in ascending
 //      position order in fp32 (fp64 for float64), adds weight decay, and applies the optimizer to the weight row
@@ -28,6 +30,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "sort_rows.cuh"
 #include "sparse_row_update.h"
 
 namespace optembed {
@@ -51,17 +54,65 @@ struct Hyper {
   bool has_wd;
 };
 
-// g = sum over the segment [s, e) of grad rows (ascending position) + wd * w, for the unit starting at j0.
+// Hot rows: every aligned chunk of kRowChunk sorted slots that lies inside one run (one row) is summed by its own
+// group first (chunk_sum_kernel, ascending position) into part[c]. The head of a run then adds, in this fixed
+// order, its leading slots up to the first chunk boundary, the full chunks' partials, and the trailing slots:
+// a run of L positions costs about L / kRowChunk serial steps instead of L, deterministically.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kBlockThreads) chunk_sum_kernel(const scalar_t* __restrict__ grad,
+                                                                  const int64_t* __restrict__ sorted_rows,
+                                                                  const int64_t* __restrict__ order,
+                                                                  acc_t* __restrict__ part, int64_t M, int64_t D,
+                                                                  int G) {
+  const int lane = static_cast<int>(threadIdx.x) & (G - 1);
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  const int64_t s = c * kRowChunk, e = s + kRowChunk;
+  if (e > M || sorted_rows[s] != sorted_rows[e - 1]) return;  // not a full chunk inside one run; no shuffles here
+  const int64_t units = D / VEC;
+  for (int64_t u = lane; u < units; u += G) {
+    const int64_t j0 = u * VEC;
+    acc_t g[VEC];
+    load_vec<VEC>(grad + order[s] * D + j0, g);
+    for (int64_t t = s + 1; t < e; ++t) {
+      acc_t x[VEC];
+      load_vec<VEC>(grad + order[t] * D + j0, x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) g[k] += x[k];
+    }
+    store_vec<VEC>(part + c * D + j0, g);
+  }
+}
+
+// g = sum over the run [s, e) of grad rows (ascending position, full chunks through part) + wd * w, for the unit
+// starting at j0.
 template <int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void segment_grad(const scalar_t* __restrict__ grad, const int64_t* __restrict__ order,
-                                             const scalar_t* __restrict__ wrow, int64_t s, int64_t e, int64_t D,
-                                             int64_t j0, const Hyper<acc_t>& h, acc_t (&g)[VEC]) {
+                                             const acc_t* __restrict__ part, const scalar_t* __restrict__ wrow,
+                                             int64_t s, int64_t e, int64_t D, int64_t j0, const Hyper<acc_t>& h,
+                                             acc_t (&g)[VEC]) {
+  const int64_t c0 = (s + kRowChunk - 1) / kRowChunk;  // first chunk starting at or after s
+  const int64_t c1 = e / kRowChunk;                     // chunks [c0, c1) lie fully inside the run
+  const int64_t head_end = c0 < c1 ? c0 * kRowChunk : e;
   load_vec<VEC>(grad + order[s] * D + j0, g);
-  for (int64_t t = s + 1; t < e; ++t) {
-    acc_t c[VEC];
-    load_vec<VEC>(grad + order[t] * D + j0, c);
+  for (int64_t t = s + 1; t < head_end; ++t) {
+    acc_t x[VEC];
+    load_vec<VEC>(grad + order[t] * D + j0, x);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g[k] += c[k];
+    for (int k = 0; k < VEC; ++k) g[k] += x[k];
+  }
+  if (c0 < c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t x[VEC];
+      load_vec<VEC>(part + c * D + j0, x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) g[k] += x[k];
+    }
+    for (int64_t t = c1 * kRowChunk; t < e; ++t) {
+      acc_t x[VEC];
+      load_vec<VEC>(grad + order[t] * D + j0, x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) g[k] += x[k];
+    }
   }
   if (h.has_wd) {
     acc_t w[VEC];
@@ -75,8 +126,8 @@ template <typename scalar_t, RowOptimizer OPT, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
     scalar_t* __restrict__ weight, const scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ state1,
     at::opmath_type<scalar_t>* __restrict__ state2, const int64_t* __restrict__ sorted_rows,
-    const int64_t* __restrict__ order, int64_t M, int64_t N, int64_t D, const Hyper<at::opmath_type<scalar_t>> h,
-    int G) {
+    const int64_t* __restrict__ order, const at::opmath_type<scalar_t>* __restrict__ part, int64_t M, int64_t N,
+    int64_t D, const Hyper<at::opmath_type<scalar_t>> h, int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
@@ -86,7 +137,13 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
   int64_t r = 0, end = i + 1;
   if (head) {
     r = sorted_rows[i];
-    while (end < M && sorted_rows[end] == r) ++end;
+    while (end < M && sorted_rows[end] == r) {  // whole chunks at a time where the run covers them
+      if (end % kRowChunk == 0 && end + kRowChunk <= M && sorted_rows[end + kRowChunk - 1] == r) {
+        end += kRowChunk;
+      } else {
+        ++end;
+      }
+    }
   }
   scalar_t* wrow = weight + r * D;
   const int64_t units = D / VEC;
@@ -101,7 +158,7 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
     if (head) {
       for (int64_t u = lane; u < units; u += G) {
         acc_t g[VEC];
-        segment_grad<VEC>(grad, order, wrow, i, end, D, u * VEC, h, g);
+        segment_grad<VEC>(grad, order, part, wrow, i, end, D, u * VEC, h, g);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           sq += g[k] * g[k];
@@ -126,7 +183,7 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
 #pragma unroll
         for (int k = 0; k < VEC; ++k) g[k] = gc[k];
       } else {
-        segment_grad<VEC>(grad, order, wrow, i, end, D, j0, h, g);
+        segment_grad<VEC>(grad, order, part, wrow, i, end, D, j0, h, g);
       }
       load_vec<VEC>(wrow + j0, w);
 #pragma unroll
@@ -138,7 +195,7 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
     for (int64_t u = lane; u < units; u += G) {
       const int64_t j0 = u * VEC;
       acc_t g[VEC], w[VEC];
-      segment_grad<VEC>(grad, order, wrow, i, end, D, j0, h, g);
+      segment_grad<VEC>(grad, order, part, wrow, i, end, D, j0, h, g);
       load_vec<VEC>(wrow + j0, w);
       if constexpr (OPT == RowOptimizer::kSGD) {
 #pragma unroll
@@ -194,8 +251,9 @@ void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const 
 
   if (D == 0) return;  // the ids are still checked, nothing to update
 
-  // 2. (row, position) pairs sorted by row, positions ascending within a row
-  const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  // 2. (row, position) pairs sorted by row, positions ascending within a row (radix sort over the bits rows need;
+  //    out-of-range ids, possible only unchecked, become row N and are skipped)
+  const auto sorted = sort_rows(idx, N, stream);
   const at::Tensor& sorted_rows = std::get<0>(sorted);
   const at::Tensor& order = std::get<1>(sorted);
   const at::Tensor grad = grad_rows.contiguous();
@@ -228,10 +286,21 @@ void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const 
       constexpr RowOptimizer kOpt = decltype(opt_tag)::value;
       OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
         constexpr int V = kVecOk ? kVec : 1;
+        const int64_t chunks = M / kRowChunk;
+        at::Tensor part = at::empty({std::max<int64_t>(chunks, 1), D}, weight.options().dtype(
+                                        c10::CppTypeToScalarType<acc_t>::value));
+        if (chunks > 0) {
+          const GroupLaunch C = group_launch(chunks, D, V, "sparse_row_update");
+          chunk_sum_kernel<scalar_t, acc_t, V><<<C.blocks, kBlockThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+              part.mutable_data_ptr<acc_t>(), M, D, C.G);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
         const GroupLaunch L = group_launch(M, D, V, "sparse_row_update");
         sparse_row_update_kernel<scalar_t, kOpt, V><<<L.blocks, kBlockThreads, 0, stream>>>(
             weight.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), s1, s2,
-            sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M, N, D, h, L.G);
+            sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), part.const_data_ptr<acc_t>(), M,
+            N, D, h, L.G);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     };
