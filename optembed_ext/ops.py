@@ -245,6 +245,8 @@ def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor
     if _reference_path("masked_embedding_forward", weight.device):
         return _ref.masked_embedding(weight, indices, threshold, dims, p, oov_weight, check_indices=check_indices,
                                      deterministic=deterministic, sparse=sparse)
+    if not weight.is_contiguous():  # one copy per call (autograd carries the gradient back), not one per pass
+        weight = weight.contiguous()
     out, _ = torch.ops.optembed.masked_embedding(weight, indices, threshold, dims, p, oov_weight, check_indices,
                                                  deterministic, sparse)
     return out
