@@ -123,7 +123,8 @@ def kernels_problem(info: dict) -> str | None:
         return f"no CUDA kernel registered for {', '.join(missing)}"
     if not info.get("cuda_available"):
         return "no CUDA device is visible to torch"
-    if info.get("arch") and info["arch"] not in (build.get("cuda_archs") or []):
+    compiled = {str(a).split("-")[0] for a in (build.get("cuda_archs") or [])}  # "90", "90-real", "90-virtual"
+    if info.get("arch") and info["arch"] not in compiled:
         return f"the local architecture sm_{info['arch']} is not among the compiled ones {build.get('cuda_archs')}"
     return None
 
