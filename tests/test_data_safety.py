@@ -488,7 +488,7 @@ def slow(*args, **kwargs):
     time.sleep(120)
     return table
 _stream.encode_table = slow
-preprocess("criteo", sys.argv[1], sys.argv[2], min_count=1, progress=False)
+preprocess("criteo", sys.argv[1], sys.argv[2], min_count=1, progress=False, engine="python")
 """
 
 

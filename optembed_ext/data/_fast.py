@@ -250,8 +250,9 @@ class _BlockParser:
         self.fast_blocks = self.slow_blocks = 0
 
     def _regular_table(self, text: bytes, nlines: int):
-        if b"\r" in text or (self.source.delimiter == "," and b'"' in text):
-            return None
+        if b"\r" in text or b"\n\n" in text or text.startswith(b"\n") or (
+                self.source.delimiter == "," and b'"' in text):
+            return None  # CR, blank lines (pyarrow reads them as rows of empty values) or quotes: line by line
         irregular = []
 
         def handler(row):
@@ -417,7 +418,8 @@ def encode_table_fast(schema: TableSchema, source: RawSource, *, min_count: int,
     run cannot be resumed). ``stop_after_blocks`` (testing) raises ``KeyboardInterrupt`` after that many
     blocks of this call, as a kill would stop it. ``stats["engine"]`` records ``"arrow"``,
     ``stats["python_blocks"]`` the blocks that took the Python line-by-line path."""
-    own = work_dir is None
+    owner = _claim(Path(work_dir)) if work_dir is not None else None
+    own = owner is None  # no work dir, or another live process is resuming in it: a private one
     if own:
         import tempfile
 
@@ -429,6 +431,26 @@ def encode_table_fast(schema: TableSchema, source: RawSource, *, min_count: int,
     finally:
         if own:
             _remove(work_dir)
+        else:
+            owner.close()
+
+
+def _claim(work: Path):
+    """An open file holding an exclusive lock on ``work`` (released when the process ends, even by a kill),
+    or None when another process holds it or the file system has no locks."""
+    try:
+        import fcntl
+
+        work.mkdir(parents=True, exist_ok=True)
+        f = open(work / ".owner", "a")
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
 
 
 def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, progress, out_dir, work_dir,
@@ -451,7 +473,8 @@ def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, pr
         state = {}
     if state.get("params") != params:
         for p in work_dir.iterdir():
-            p.unlink()
+            if p.name != ".owner":
+                p.unlink()
         state = {}
     blocks_done = [0]
 

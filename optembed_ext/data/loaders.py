@@ -117,7 +117,7 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False):
 
 
 def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = None, strict: bool = False,
-               max_rows: int | None = None, chunk_rows: int = 100_000, progress: bool = True,
+               max_rows: int | None = None, chunk_rows: int | None = None, progress: bool = True,
                force: bool = False, preset: str | None = None, engine: str = "auto",
                **options) -> PreprocessResult:
     """Encode the raw files of dataset ``name`` found at ``data_dir`` (a folder or the file itself).
@@ -141,7 +141,8 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     ``engine``: ``"python"`` (line by line), ``"arrow"`` (pyarrow tokenizer and native hashed counts,
     :mod:`optembed_ext.data._fast`; for the large click logs criteo/avazu/kdd12: ~10x faster, memory
     bounded by the distinct values, resumable after a kill when there is a ``cache_dir``) or ``"auto"``
-    (arrow when pyarrow is installed and the dataset is one of those). Both give the same arrays,
+    (arrow when pyarrow is installed, the dataset is one of those and no ``chunk_rows`` -- the
+    line-by-line reader's chunk size, default 100000 lines -- is given). Both give the same arrays,
     vocabularies and row statistics, so the engine is not part of the cache key.
     """
     name = canonical_name(name)
@@ -150,7 +151,8 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     rules = resolve_preset(name, preset)
     min_count = _check_int("min_count", rules["min_count"] if min_count is None else min_count, 1)
     max_rows = _check_int("max_rows", max_rows, 1, allow_none=True)
-    chunk_rows = _check_int("chunk_rows", chunk_rows, 1)
+    python_chunks = chunk_rows is not None  # the line-by-line reader's chunk size: that engine is asked for
+    chunk_rows = _check_int("chunk_rows", 100_000 if chunk_rows is None else chunk_rows, 1)
     options = {**rules["options"], **options}
     plan = PLANNERS[name](data_dir, **options)
     params = {"dataset": name, "min_count": min_count, "strict": bool(strict), "max_rows": max_rows,
@@ -159,7 +161,7 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
 
     if engine not in ("auto", "python", "arrow"):
         raise DataUsageError(f"engine must be 'auto', 'python' or 'arrow', got {engine!r}")
-    fast = engine != "python" and name in _FAST_DATASETS and _fast.fast_path_available(plan.schema, plan.source)
+    fast = (engine == "arrow" or (engine == "auto" and not python_chunks)) and name in _FAST_DATASETS and _fast.fast_path_available(plan.schema, plan.source)
     if engine == "arrow" and not fast:
         raise DataUsageError(f"engine='arrow' needs the pyarrow package and one of {list(_FAST_DATASETS)} "
                              "(UTF-8, tab or comma separated); install pyarrow or pass engine='python'")
