@@ -41,8 +41,12 @@ def _json_default(o):
 
 
 def write_json(path, obj) -> Path:
-    """Write ``obj`` as indented JSON through a temporary file and an atomic rename."""
+    """Write ``obj`` as indented JSON through a temporary file and an atomic rename (rank 0 alone under torchrun)."""
+    from .train.distributed import is_main
+
     path = Path(path)
+    if not is_main():
+        return path
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, default=_json_default)

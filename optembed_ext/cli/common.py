@@ -189,15 +189,20 @@ def open_run_dir(out, name: str, command: str, options: dict, *, resume: bool = 
     only when it was made with the same result-affecting ``options`` (its ``fingerprint.json``); otherwise a
     :class:`~optembed_ext.train.checkpoint.RunFolderError` names the differing options. Without ``resume`` the
     folder is emptied and started over."""
-    run_dir = make_run_dir(out, name=name)
-    if not resume:
-        clear_run_dir(run_dir)
-    skip = NEUTRAL_OPTIONS | set(neutral)
-    check_fingerprint(run_dir, {"command": command,
-                                "options": {k.replace("_", "-"): v for k, v in options.items()
-                                            if k.replace("_", "-") not in skip}},
-                      what=f"'{command}' run")
-    return run_dir
+    from ..train import distributed
+
+    run_dir = None
+    if distributed.is_main():  # under torchrun rank 0 sets the folder up, the others take its path
+        run_dir = make_run_dir(out, name=name)
+        if not resume:
+            clear_run_dir(run_dir)
+        skip = NEUTRAL_OPTIONS | set(neutral)
+        check_fingerprint(run_dir, {"command": command,
+                                    "options": {k.replace("_", "-"): v for k, v in options.items()
+                                                if k.replace("_", "-") not in skip}},
+                          what=f"'{command}' run")
+        run_dir = str(run_dir)
+    return Path(distributed.broadcast_object(run_dir))
 
 
 def start_run(args: argparse.Namespace, command: str, *, neutral=(), resumable: bool = True) -> Path:
@@ -212,7 +217,10 @@ def start_run(args: argparse.Namespace, command: str, *, neutral=(), resumable: 
         run_dir = open_run_dir(getattr(args, "out", None), name, command, options,
                                resume=bool(getattr(args, "resume", True)), neutral=frozenset(neutral))
     else:
-        run_dir = make_run_dir(getattr(args, "out", None), name=name)
+        from ..train import distributed
+
+        path = str(make_run_dir(getattr(args, "out", None), name=name)) if distributed.is_main() else None
+        run_dir = Path(distributed.broadcast_object(path))
     save_yaml(run_dir / "config.yaml", {"command": command, **options})
     argv = getattr(args, "_argv", None)
     if argv is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 from ..train.config import append_log, make_run_dir, save_json, save_yaml
 from .common import add_dataclass_arguments, fail
@@ -28,7 +29,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config = CompareConfig.from_dict(values)
     except (TypeError, ValueError) as err:
         raise fail(err) from None
-    out = make_run_dir(config.out, name="compare")
+    from ..train import distributed
+
+    out = Path(distributed.broadcast_object(str(make_run_dir(config.out, name="compare"))
+                                            if distributed.is_main() else None))
     config.out = str(out)
     save_yaml(out / "config.yaml", {"command": "compare",
                                     **{k.replace("_", "-"): v for k, v in config.to_dict().items()}})

@@ -131,6 +131,10 @@ def check_fingerprint(run_dir, fingerprint: dict, *, what: str = "run") -> None:
             shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
             raise RunFolderError(f"{Path(run_dir)} holds a {what} made with other settings ({shown}); {RESUME_HINT}")
         return
+    from .distributed import is_main
+
+    if not is_main():  # rank 0 writes it (the other ranks compared it above when it existed)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")

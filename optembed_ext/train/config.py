@@ -176,7 +176,16 @@ def clear_run_dir(run_dir) -> Path:
     return run_dir
 
 
+def _writes() -> bool:
+    """Run-folder files are written by one process: rank 0 under torchrun, the process itself otherwise."""
+    from .distributed import is_main
+
+    return is_main()
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
+    if not _writes():
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -185,7 +194,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def append_log(run_dir, msg: str) -> None:
     """Append a time-stamped line to ``run_dir/log.txt`` (no-op when ``run_dir`` is None)."""
-    if run_dir is None:
+    if run_dir is None or not _writes():
         return
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     with open(Path(run_dir) / "log.txt", "a", encoding="utf-8") as fh:

@@ -99,20 +99,6 @@ def _fit_summary(result: dict) -> dict:
     return {k: result[k] for k in keep if k in result}
 
 
-class _ShardedSupernetCallback(OptEmbedSupernetCallback):
-    """The supernet schedule under data parallelism: the per-sample dims are drawn for the whole global batch
-    (the same draws as in one process) and this rank keeps the rows it holds (``trainer.batch_shard``)."""
-
-    def on_batch_begin(self, trainer, ids, labels) -> None:
-        shard = getattr(trainer, "batch_shard", None)
-        if not self.sample_dims or shard is None or shard[1] - shard[0] == shard[2]:
-            return super().on_batch_begin(trainer, ids, labels)
-        lo, hi, global_batch = shard
-        dims = torch.randint(1, self.embedding.embed_dim + 1, (global_batch, self.embedding.num_fields),
-                             generator=self.generator)
-        self.embedding.set_dims(dims[lo:hi])
-
-
 # =========================================================================== the pipeline
 class OptEmbedRun:
     """Stateful runner behind :func:`run_optembed`; every phase is a method that skips itself when done."""
@@ -274,7 +260,7 @@ class OptEmbedRun:
         torch.manual_seed(self.config.seed)
         model = build_optembed_model(self.model_name, self.fmap, self.config, prune_rows=prune_rows)
         self._load_init(model)
-        cb = _ShardedSupernetCallback(model.embedding, sample_dims=sample_dims, seed=self.config.seed)
+        cb = OptEmbedSupernetCallback(model.embedding, sample_dims=sample_dims, seed=self.config.seed)
         result, seconds = self._fit(name, model, self.epochs("supernet"), callbacks=[cb])
         emb = model.embedding
         row_mask = cb.best_row_mask if cb.best_row_mask is not None else emb.row_mask().cpu()
