@@ -181,3 +181,30 @@ def test_trainer_factory_builds_the_fused_backward_optimizer():
     opts[1].detach()
     with pytest.raises(ValueError):
         optim.fused_backward_factory("momentum")
+
+
+def test_deterministic_algorithms_select_the_deterministic_path(monkeypatch):
+    """torch.use_deterministic_algorithms(True) turns deterministic=True on for masked_embedding (and
+    compact_embedding): the flag reaching the compiled op is recorded."""
+    from optembed_ext import _ext
+
+    if not _ext.HAS_EXTENSION or ops.use_reference():
+        pytest.skip("the flag is passed to the compiled op only")
+    seen = []
+    real = torch.ops.optembed.masked_embedding
+
+    def spy(*args):
+        seen.append(args[7])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.optembed, "masked_embedding", spy)
+    w = torch.randn(10, 4, requires_grad=True)
+    idx = torch.tensor([[1, 2]])
+    ops.masked_embedding(w, idx)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ops.masked_embedding(w, idx)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert seen == [False, True]
