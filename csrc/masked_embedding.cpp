@@ -229,7 +229,9 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
   const int64_t F = pr.F, D = pr.D, N = pr.N;
   const int64_t L = pr.B * F;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream = std::is_same_v<scalar_t, float> && L * row_bytes >= kStreamMinBytes;
   at::parallel_for(0, L, grain_for(D), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> row_buf(stream ? static_cast<size_t>(D) : 0);
     const int64_t pf_end = std::min(end, begin + kRowPrefetchDistance);
     for (int64_t q = begin; q < pf_end; ++q) {
       const int64_t r = static_cast<int64_t>(idx[q]);
@@ -273,13 +275,18 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
         m = x > acc_t(0);
       }
       const scalar_t* src = m ? row : (oov != nullptr ? oov + f * D : nullptr);
+      // A large float output goes out with non-temporal stores (no read of each destination line first): the row
+      // is assembled in a small buffer that stays in L1, then streamed.
+      scalar_t* dst = stream ? row_buf.data() : o;
       if (src != nullptr) {
-        for (int64_t j = 0; j < k; ++j) o[j] = src[j];
-        for (int64_t j = k; j < D; ++j) o[j] = scalar_t(0);
+        for (int64_t j = 0; j < k; ++j) dst[j] = src[j];
+        for (int64_t j = k; j < D; ++j) dst[j] = scalar_t(0);
       } else {
-        for (int64_t j = 0; j < D; ++j) o[j] = scalar_t(0);
+        for (int64_t j = 0; j < D; ++j) dst[j] = scalar_t(0);
       }
+      if (stream) store_row_stream(o, dst, D, true);
     }
+    if (stream) stream_fence();
   });
 }
 
