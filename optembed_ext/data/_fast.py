@@ -642,7 +642,9 @@ def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, pr
                     block = np.empty((m, F), dtype=np.int64)
                     for fi, (j, (hashes, ids)) in enumerate(zip(col_of, luts)):
                         h = z[f"h{j}"]
-                        at = np.minimum(np.searchsorted(hashes, h), len(hashes) - 1)
+                        order = np.argsort(h)  # sorted queries walk the (large) table in order: far fewer misses
+                        at = np.empty(len(h), dtype=np.int64)
+                        at[order] = np.minimum(np.searchsorted(hashes, h[order]), len(hashes) - 1)
                         block[:, fi] = ids[at][idx[:, j]]
                     block += offsets
                     X[pos:pos + m] = block
