@@ -86,3 +86,20 @@ def test_the_option_reaches_every_entry_point():
     assert args.threshold_optimizer == "adam"
     args = parser.parse_args(["train", "--threshold-optimizer", "adam", "--threshold-lr", "0.1"])
     assert args.threshold_optimizer == "adam" and args.threshold_lr == 0.1
+
+
+@pytest.mark.parametrize("name", ["fused_bwd_sgd", "fused_bwd_adagrad", "fused_bwd_adam"])
+def test_the_trainer_runs_the_update_inside_the_backward(data, name):
+    """The optimizers that update the table inside the lookup's backward train an OptEmbed supernet end to end,
+    thresholds included (their own SGD)."""
+    from optembed_ext.optim import FusedBackwardOptimizer
+
+    model = _model(data, threshold_lr=0.5)
+    w0 = model.embedding.weight.detach().clone()
+    t0 = model.embedding.threshold.detach().clone()
+    trainer = Trainer(model, data, TrainConfig(epochs=1, batch_size=128, optimizer=name, embedding_lr=0.05))
+    assert any(isinstance(o, FusedBackwardOptimizer) for o in trainer.optimizer.optimizers)
+    res = trainer.fit()
+    assert not torch.equal(model.embedding.weight.detach(), w0)
+    assert not torch.equal(model.embedding.threshold.detach(), t0)
+    assert 0.0 <= res["test_auc"] <= 1.0

@@ -22,8 +22,9 @@ class TrainConfig:
 
     ``optimizer`` names an entry of :data:`optembed_ext.train.trainer.OPTIMIZERS` (``adam``, ``sparse_adam``,
     ``adagrad``, ``sgd``, and the fused sparse optimizers ``fused_sgd``, ``fused_adagrad``, ``fused_adam`` that
-    update only the touched rows of the embedding table, see :mod:`optembed_ext.optim`); parameters with sparse
-    gradients get the sparse variant (SparseAdam for adam).
+    update only the touched rows of the embedding table, and ``fused_bwd_sgd``, ``fused_bwd_adagrad``,
+    ``fused_bwd_adam`` that apply that update inside the lookup's backward, see :mod:`optembed_ext.optim`);
+    parameters with sparse gradients get the sparse variant (SparseAdam for adam).
     ``embedding_lr``: learning rate of the embedding module's parameter groups (``None`` = ``lr``); row-wise
     Adagrad and SGD tables usually want a larger one than the dense layers.
     ``patience``: epochs without a better validation AUC before stopping (``None`` = never stop early).

@@ -107,6 +107,18 @@ def _make_fused(kind: str) -> Callable[[list, list, TrainConfig], list]:
     return make
 
 
+def _make_fused_backward(kind: str) -> Callable[[list, list, TrainConfig], list]:
+    """Factory of ``fused_bwd_<kind>``: the sparse tables updated inside the lookup's backward
+    (:class:`optembed_ext.optim.FusedBackwardOptimizer`), every other parameter with dense Adam."""
+
+    def make(dense, sparse, config):
+        from ..optim import fused_backward_factory
+
+        return fused_backward_factory(kind)(dense, sparse, config)
+
+    return make
+
+
 def _request_sparse_grad(emb: nn.Module) -> bool:
     """Switch on sparse table gradients of ``emb`` when its class supports them (a ``sparse`` constructor argument
     mirrored by the ``sparse_grad`` attribute, e.g. ``UniformEmbedding``, ``CompactEmbedding``). Returns whether
@@ -134,10 +146,15 @@ OPTIMIZERS: dict[str, Callable[[list, list, TrainConfig], list]] = {
     "fused_sgd": _make_fused("sgd"),
     "fused_adagrad": _make_fused("adagrad"),
     "fused_adam": _make_fused("adam"),
+    # the update applied inside the masked lookup's backward (FBGEMM-style; no gradient rows are materialised)
+    "fused_bwd_sgd": _make_fused_backward("sgd"),
+    "fused_bwd_adagrad": _make_fused_backward("adagrad"),
+    "fused_bwd_adam": _make_fused_backward("adam"),
 }
 
 #: optimizers for which the trainer switches on the embedding table's sparse gradient (when the module supports it)
-SPARSE_GRAD_OPTIMIZERS = frozenset({"fused_sgd", "fused_adagrad", "fused_adam"})
+SPARSE_GRAD_OPTIMIZERS = frozenset({"fused_sgd", "fused_adagrad", "fused_adam", "fused_bwd_sgd", "fused_bwd_adagrad",
+                                    "fused_bwd_adam"})
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, extra_param_groups=None) -> MultiOptimizer:
