@@ -620,13 +620,10 @@ def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, pr
     if target is not None:
         xp, yp = target / "X.npy", target / "y.npy"
         resume2 = state.get("resume2")
-        if resume2 is not None and xp.exists() and yp.exists():
-            X = np.load(xp, mmap_mode="r+")
-            y = np.load(yp, mmap_mode="r+")
+        resume = resume2 is not None and xp.exists() and yp.exists()
+        X, y = _NpyRows(xp, dtype, (n, F), create=not resume), _NpyRows(yp, np.float32, (n,), create=not resume)
+        if resume:
             pos, first = int(resume2["rows"]), int(resume2["block"])
-        else:
-            X = np.lib.format.open_memmap(xp, mode="w+", dtype=dtype, shape=(n, F))
-            y = np.lib.format.open_memmap(yp, mode="w+", dtype=np.float32, shape=(n,))
     else:
         X = np.empty((n, F), dtype=dtype)
         y = np.empty((n,), dtype=np.float32)
@@ -647,7 +644,7 @@ def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, pr
                         at[order] = np.minimum(np.searchsorted(hashes, h[order]), len(hashes) - 1)
                         block[:, fi] = ids[at][idx[:, j]]
                     block += offsets
-                    X[pos:pos + m] = block
+                    X[pos:pos + m] = block  # file writes, not a memory map: the rows never count in our RSS
                     y[pos:pos + m] = lab
                     pos += m
             since += 1
@@ -663,10 +660,9 @@ def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, pr
     if pos != n:
         raise DataFormatError(f"{path} changed while it was being preprocessed ({pos} rows in pass 2, {n} in "
                               "pass 1); run again once nothing writes to it", file=path)
-    if isinstance(X, np.memmap):
-        X.flush()
-        y.flush()
     if out_dir is not None:
+        X.close()
+        y.close()
         del X, y
         os.replace(work_dir / "X.npy", Path(out_dir) / "X.npy")
         os.replace(work_dir / "y.npy", Path(out_dir) / "y.npy")
@@ -688,6 +684,34 @@ def _encode_fast(schema, source, *, min_count, strict, max_rows, block_bytes, pr
     logger.info("%s: encoded %d rows x %d fields, %d features (%s blocks by pyarrow, %s line by line)",
                 schema.dataset, n, F, fmap.num_features, parser.fast_blocks, parser.slow_blocks)
     return EncodedTable(X=X, y=y, feature_map=fmap, vocab=vocab, stats=stats)
+
+
+class _NpyRows:
+    """Rows of a ``.npy`` file written with positional writes (``X[a:b] = rows``): the written pages stay in the
+    page cache, not in the process's memory, whatever the file size."""
+
+    def __init__(self, path: Path, dtype, shape: tuple, create: bool):
+        if create:
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            del mm
+        mm = np.load(path, mmap_mode="r")
+        self.offset, self.dtype = int(mm.offset), np.dtype(dtype)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        del mm
+        self.fd = os.open(path, os.O_RDWR)
+
+    def __setitem__(self, rows: slice, values) -> None:
+        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        at = self.offset + rows.start * self.row_bytes
+        while data:
+            k = os.pwrite(self.fd, data, at)
+            data, at = data[k:], at + k
+
+    def flush(self) -> None:
+        pass  # written data is in the page cache: it survives a kill of the process
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _count_partials(work: Path) -> int:
