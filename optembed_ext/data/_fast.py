@@ -428,6 +428,10 @@ def encode_table_fast(schema: TableSchema, source: RawSource, *, min_count: int,
         return _encode_fast(schema, source, min_count=min_count, strict=strict, max_rows=max_rows,
                             block_bytes=block_bytes, progress=progress, out_dir=out_dir, work_dir=Path(work_dir),
                             checkpoint_blocks=checkpoint_blocks, stop_after_blocks=stop_after_blocks)
+    except Exception:  # bad data or a full disk: resuming would not help; a kill or Ctrl-C keeps the work
+        if not own:
+            _remove(work_dir)
+        raise
     finally:
         if own:
             _remove(work_dir)
