@@ -27,11 +27,17 @@ from optembed_ext.results import load_search_result
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
-    ap.add_argument("--planted", required=True)
+    ap.add_argument("--planted", help="FILE.planted.json of the generator (default: the criteo model, which does not "
+                                      "depend on the seed or the row count)")
     ap.add_argument("--json")
     args = ap.parse_args()
     res = load_search_result(args.run)
-    planted = json.loads(open(args.planted).read())["planted"]
+    if args.planted:
+        planted = json.loads(open(args.planted).read())["planted"]
+    else:
+        from optembed_ext.data.generate import planted_model
+
+        planted = planted_model("criteo")
     fmap = res["feature_map"]
     mask = res["row_mask"].numpy()
     offsets = np.asarray(fmap.offsets)
