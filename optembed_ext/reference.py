@@ -91,11 +91,10 @@ def masked_embedding(weight: torch.Tensor, indices: torch.Tensor, threshold: tor
                 raise ValueError(f"dims{bad.tolist()} = {int(k[tuple(bad)])} must lie in [0, D = {D}]")
     valid = None
     if not check_indices and idx.numel():
+        # never index outside the table: invalid ids read row 0 and are zeroed below (no gradient); no
+        # data-dependent branch, so the reference traces under torch.compile / torch.export
         valid = (idx >= 0) & (idx < N)
-        if bool(valid.all()):
-            valid = None
-        else:  # never index outside the table: invalid ids read row 0 and are zeroed below (no gradient)
-            idx = torch.where(valid, idx, torch.zeros_like(idx))
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
     rows = F.embedding(idx, weight, sparse=sparse)  # (B, F, D); every weight gradient flows through here
     if valid is not None:
         rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))
@@ -237,6 +236,8 @@ def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_d
     """
     B, nf = indices.shape
     dev = packed.device
+    if torch.compiler.is_compiling():
+        return _compact_embedding_traceable(packed, field_offsets, field_dims, remap, indices, out_dim, oov)
     rows_f = torch.tensor(_compact_layout_rows(packed, field_offsets, field_dims, out_dim), dtype=torch.long,
                           device=dev)
     d = field_dims.long()
@@ -266,6 +267,28 @@ def compact_embedding(packed: torch.Tensor, field_offsets: torch.Tensor, field_d
     else:
         vals = packed[pos]
     out = torch.zeros(B, nf, out_dim, dtype=packed.dtype, device=dev).masked_scatter(sel, vals)
+    if oov is not None:
+        out = out + oov.unsqueeze(0) * (in_dim & (r == -1).unsqueeze(-1)).to(packed.dtype)
+    return out
+
+
+def _compact_embedding_traceable(packed, field_offsets, field_dims, remap, indices, out_dim, oov):
+    """The same lookup with fixed shapes and no host reads, for ``torch.compile`` / ``torch.export`` of the
+    fallback: the layout and index checks (host reads) are left to eager calls and to the module, which validates
+    its layout once; an invalid lookup yields zeros, as unchecked."""
+    B, nf = indices.shape
+    dev = packed.device
+    d = field_dims.long()
+    off = field_offsets.long()
+    rows_f = torch.where(d > 0, (off[1:nf + 1] - off[:nf]) // d.clamp(min=1), torch.full_like(d, -1))
+    r = _compact_rows(remap, indices, rows_f.unsqueeze(0))  # (B, F), -2 = invalid
+    cols = torch.arange(out_dim, device=dev)
+    in_dim = cols.view(1, 1, -1) < d.view(1, -1, 1)
+    sel = in_dim & (r >= 0).unsqueeze(-1)  # (B, F, out_dim)
+    pos = off[:nf].view(1, -1, 1) + r.clamp(min=0).unsqueeze(-1) * d.view(1, -1, 1) + cols.view(1, 1, -1)
+    pos = torch.where(sel, pos, torch.zeros_like(pos)).clamp(0, max(packed.numel() - 1, 0))
+    vals = packed[pos] if packed.numel() else torch.zeros(pos.shape, dtype=packed.dtype, device=dev)
+    out = torch.where(sel, vals, torch.zeros((), dtype=packed.dtype, device=dev))
     if oov is not None:
         out = out + oov.unsqueeze(0) * (in_dim & (r == -1).unsqueeze(-1)).to(packed.dtype)
     return out
