@@ -32,7 +32,7 @@ import numpy as np
 from . import _fast, _stream
 from . import cache as _cache
 from .batching import make_splits
-from .errors import CacheError, DataUsageError, MalformedRowError
+from .errors import CacheError, DataError, DataUsageError, MalformedRowError
 from .formats import PLANNERS, PRESETS, resolve_preset
 from .types import CTRDataset, FeatureMap, _jsonable
 
@@ -169,8 +169,15 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
     def encode(out_dir=None):
         if fast:
             work = None if out_dir is None else Path(out_dir).parent / f".{final.name}.work"
-            table = _fast.encode_table_fast(plan.schema, plan.source, min_count=min_count, strict=strict,
-                                            max_rows=max_rows, progress=progress, out_dir=out_dir, work_dir=work)
+            try:
+                table = _fast.encode_table_fast(plan.schema, plan.source, min_count=min_count, strict=strict,
+                                                max_rows=max_rows, progress=progress, out_dir=out_dir, work_dir=work)
+            except DataError:
+                # bad input (a strict malformed row, no usable row): a rerun fails the same way, so the partial
+                # results kept for resuming after a kill are of no use
+                if work is not None:
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
         else:
             table = _stream.encode_table(plan.schema, plan.source, min_count=min_count, strict=strict,
                                          max_rows=max_rows, chunk_rows=chunk_rows, progress=progress,
