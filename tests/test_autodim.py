@@ -144,3 +144,45 @@ def test_run_autodim_retrains_with_chosen_dims(tmp_path):
     dims = res["search"]["dims"]
     assert row["num_params"] == sum(c * d for c, d in zip([10, 20, 5], dims))
     assert (tmp_path / "search" / "metrics.json").exists() and (tmp_path / "retrain" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("transform", ["linear", "zero_pad"])
+def test_separate_embeddings_variant_matches_formula(transform):
+    """weight_sharing=False (the paper's separate embeddings): candidate k reads its own (N, d_k) table."""
+    torch.manual_seed(1)
+    fm = fmap()
+    D, cands = 8, [2, 4, 8]
+    emb = AutoDimEmbedding(fm, D, candidates=cands, transform=transform, batch_norm=False, weight_sharing=False)
+    assert [tuple(t.shape) for t in emb.small_tables] == [(fm.num_features, 2), (fm.num_features, 4)]
+    assert emb.num_params() == fm.num_features * sum(cands)
+    with torch.no_grad():
+        emb.alpha.normal_()
+    emb.eval()
+    ids = random_ids(fm, 11, seed=2)
+    tables = [emb.small_tables[0].detach(), emb.small_tables[1].detach(), emb.weight.detach()]
+    p = torch.softmax(emb.alpha.detach(), dim=-1)
+    ref = torch.zeros(11, fm.num_fields, D)
+    for b in range(11):
+        for f in range(fm.num_fields):
+            for k, dk in enumerate(cands):
+                e = tables[k][ids[b, f]]
+                if transform == "linear":
+                    t = e @ emb.proj_weight[k][f].detach() + emb.proj_bias[k][f].detach()
+                else:
+                    t = torch.cat([e, torch.zeros(D - dk)])
+                ref[b, f] += p[f, k] * t
+    torch.testing.assert_close(emb(ids), ref)
+    # every table is trained (all but alpha are in the trainer's groups) and gets a gradient
+    emb.train()
+    emb(ids).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in [*emb.small_tables, emb.weight])
+    assert {id(p) for g in emb.param_groups(1e-3, 0.0) for p in g["params"]} >= {id(t) for t in emb.small_tables}
+
+
+def test_run_autodim_with_separate_embeddings(tmp_path):
+    data = make_synthetic(num_samples=800, num_fields=3, vocab_sizes=[10, 20, 5], seed=3)
+    tc = TrainConfig(epochs=1, batch_size=200, progress=False)
+    cfg = AutoDimConfig(candidates=[2, 4, 8], weight_sharing=False)
+    res = run_autodim(data, "fm", 8, tc, cfg, run_dir=tmp_path)
+    (row,) = res["rows"]
+    assert set(res["search"]["dims"]) <= {2, 4, 8} and row["num_params"] > 0

@@ -62,7 +62,9 @@ def _check_transform(transform: str) -> None:
 
 
 class AutoDimEmbedding(EmbeddingModule):
-    """Weight-sharing AutoDim supernet: one ``(N, max(candidates))`` table, mixture over candidate dimensions.
+    """AutoDim supernet: a mixture over candidate dimensions, with one shared ``(N, max(candidates))`` table
+    (``weight_sharing=True``, default) or one ``(N, d_k)`` table per candidate (``weight_sharing=False``, the
+    paper's "separate embeddings" variant).
 
     Args:
         feature_map: the dataset's feature map.
@@ -72,10 +74,13 @@ class AutoDimEmbedding(EmbeddingModule):
         batch_norm: batch-normalise every transformed candidate (per field and output column), as the paper
             does to make the candidates' magnitudes comparable (default True).
         temperature: initial Gumbel-softmax temperature ``tau`` (the search schedule anneals it).
+        weight_sharing: candidate ``k`` reads the first ``d_k`` columns of one table (default); ``False``: every
+            candidate has its own table (``weight`` is then the largest candidate's).
     """
 
     def __init__(self, feature_map, embed_dim: int, candidates: Sequence[int] = DEFAULT_CANDIDATES,
-                 transform: str = "linear", batch_norm: bool = True, temperature: float = 1.0):
+                 transform: str = "linear", batch_norm: bool = True, temperature: float = 1.0,
+                 weight_sharing: bool = True):
         super().__init__(feature_map, embed_dim)
         _check_transform(transform)
         cands = sorted(set(_check_dims("candidates", list(candidates), embed_dim, transform)))
@@ -89,6 +94,14 @@ class AutoDimEmbedding(EmbeddingModule):
         dmax = cands[-1]
         self.weight = nn.Parameter(torch.empty(n, dmax))
         nn.init.xavier_uniform_(self.weight)
+        self.weight_sharing = bool(weight_sharing)
+        #: separate embeddings: the tables of the candidates below the largest (whose table is ``weight``)
+        self.small_tables = nn.ParameterList()
+        if not self.weight_sharing:
+            for dk in cands[:-1]:
+                t = nn.Parameter(torch.empty(n, dk))
+                nn.init.xavier_uniform_(t)
+                self.small_tables.append(t)
         if transform == "linear":
             self.proj_weight = nn.ParameterList()
             self.proj_bias = nn.ParameterList()
@@ -109,7 +122,10 @@ class AutoDimEmbedding(EmbeddingModule):
         b = ids.shape[0]
         out = []
         for k, dk in enumerate(self.candidates):
-            c = e[..., :dk]
+            if self.weight_sharing or k == len(self.candidates) - 1:
+                c = e[..., :dk]
+            else:
+                c = self.small_tables[k][ids]
             if self.transform == "linear":
                 t = torch.einsum("bfi,fio->bfo", c, self.proj_weight[k]) + self.proj_bias[k]
             else:
@@ -152,12 +168,15 @@ class AutoDimEmbedding(EmbeddingModule):
 
     # ------------------------------------------------------------------ sizes
     def num_params(self) -> int:
-        """Entries of the shared table ``N * max(candidates)`` (the supernet; transforms not counted)."""
-        return self.num_features * self.candidates[-1]
+        """Entries of the supernet's table(s): ``N * max(candidates)`` shared, ``N * sum(candidates)`` separate
+        (transforms not counted)."""
+        if self.weight_sharing:
+            return self.num_features * self.candidates[-1]
+        return self.num_features * sum(self.candidates)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", candidates={self.candidates}, transform={self.transform!r}, "
-                f"batch_norm={self.batch_norm}")
+                f"batch_norm={self.batch_norm}, weight_sharing={self.weight_sharing}")
 
 
 class MixedDimEmbedding(EmbeddingModule):

@@ -37,6 +37,7 @@ class AutoDimConfig:
     min_temperature: float = 0.01
     second_order: bool = False
     search_epochs: int | None = None         # None: the training epochs
+    weight_sharing: bool = True              # False: one table per candidate (the paper's separate embeddings)
     retrain: bool = True
 
     def __post_init__(self):
@@ -108,7 +109,7 @@ class AutoDim(Method):
     def build_embedding(self, feature_map, embed_dim: int) -> AutoDimEmbedding:
         c = self.config
         return AutoDimEmbedding(feature_map, embed_dim, candidates=c.candidates, transform=c.transform,
-                                batch_norm=c.batch_norm)
+                                batch_norm=c.batch_norm, weight_sharing=c.weight_sharing)
 
     def run(self, data, model_name: str, settings: RunSettings, run_dir=None) -> MethodResult:
         return MethodResult.from_dict(run_autodim(data, model_name, settings.embed_dim, settings.train, self.config,
