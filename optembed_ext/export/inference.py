@@ -25,15 +25,13 @@ The logits equal the masked model's (up to float summation order). Latency again
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compact import _table_of, load_run, masked_model_from_result
+from .compact import _table_of, load_run, masked_model_from_result, measure_latency
 
 __all__ = ["InferenceCTRModel", "export_inference", "inference_from_model", "compare_inference"]
 
@@ -341,22 +339,10 @@ def export_inference(source, *, model_name: str | None = None, row_mask: torch.T
 
 
 # -------------------------------------------------------------------------------------------------- latency
-@torch.no_grad()
 def _latency(model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int) -> dict:
-    model.eval()
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    for _ in range(max(0, warmup)):
-        model(ids)
-    sync()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        model(ids)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    med = statistics.median(times)
-    return {"median_ms": med, "min_ms": min(times), "samples_per_s": ids.shape[0] / (med / 1e3),
-            "repeats": len(times)}
+    """:func:`~optembed_ext.export.compact.measure_latency` plus the samples per second at its median."""
+    lat = measure_latency(model, ids, repeats=repeats, warmup=warmup)
+    return {**lat, "samples_per_s": ids.shape[0] / (lat["median_ms"] / 1e3)}
 
 
 def compare_inference(model: InferenceCTRModel, others: dict[str, nn.Module], ids: torch.Tensor, *,
