@@ -5,23 +5,18 @@ and the comparison harness only iterates over the registry (:mod:`optembed_ext.s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from ..train.checkpoint import seed_everything as _seed_everything
 from ..train.config import TrainConfig
+from ..train.config import dataclass_from_dict as _dataclass_from_dict
 
 
 def dataclass_from_dict(cls, values: dict, what: str):
-    """``cls(**values)`` for a config dataclass; keys may use ``-``; keys that are not fields raise ValueError
-    naming them."""
-    values = {str(k).replace("-", "_"): v for k, v in dict(values or {}).items()}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**values)
+    """``cls(**values)`` for a method's config dataclass; keys may use ``-``; keys that are not fields raise
+    ValueError naming them (``unknown <what> option(s)``)."""
+    return _dataclass_from_dict(cls, values, f"{what} option")
 
 
 def seed_everything(seed: int) -> None:

@@ -12,6 +12,17 @@ from pathlib import Path
 import yaml
 
 
+def dataclass_from_dict(cls, values: dict, what: str):
+    """``cls(**values)`` for a config dataclass; keys may use ``-`` or ``_``; keys that are not fields raise
+    ValueError ``unknown <what>(s) [...]; known: [...]``."""
+    names = {f.name for f in fields(cls)}
+    norm = {str(k).replace("-", "_"): v for k, v in dict(values or {}).items()}
+    unknown = set(norm) - names
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**norm)
+
+
 #: optimizers of learned pruning thresholds (TrainConfig.threshold_optimizer)
 THRESHOLD_OPTIMIZERS = ("sgd", "adam")
 
@@ -99,12 +110,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict (keys may use ``-`` or ``_``); unknown keys raise ValueError naming them."""
-        names = {f.name for f in fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = set(norm) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**norm)
+        return dataclass_from_dict(cls, values, "TrainConfig key")
 
     @classmethod
     def from_yaml(cls, path) -> "TrainConfig":

@@ -1,8 +1,9 @@
 """Settings of an OptEmbed run (:class:`OptEmbedConfig`)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
+from ...train.config import dataclass_from_dict
 from ..evolution import EvolutionConfig
 
 #: initial weights of the retraining: the supernet's initial weights (lottery ticket, the paper's), new random
@@ -90,12 +91,7 @@ class OptEmbedConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "OptEmbedConfig":
         """Build from a dict (keys may use ``-`` or ``_``); unknown keys raise ValueError naming them."""
-        names = {f.name for f in fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = set(norm) - names
-        if unknown:
-            raise ValueError(f"unknown OptEmbed config key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**norm)
+        return dataclass_from_dict(cls, values, "OptEmbed config key")
 
     def to_dict(self) -> dict:
         return asdict(self)
