@@ -291,21 +291,8 @@ class _BlockParser:
             d = cols[c]
             idx = d.indices.to_numpy(zero_copy_only=False)
             uniq = [b.decode("utf-8", errors="surrogateescape") for b in d.dictionary.to_pylist()]
-            res = []
-            for v in uniq:
-                r = memo.get(v)
-                if r is None:
-                    if v == "" and not is_label:
-                        r = ""
-                    else:
-                        try:
-                            r = fn(v)
-                        except ValueError as e:
-                            r = _INVALID
-                            errs = self.cleaner.label_errors if is_label else self.cleaner.errors
-                            errs[(id(memo), v)] = str(e)
-                    memo[v] = r
-                res.append(r)
+            self.cleaner._validate(uniq, memo, fn, is_label)  # the line reader's per-value rule, memoised
+            res = [memo[v] for v in uniq]
             invalid = np.fromiter((r is _INVALID for r in res), dtype=bool, count=len(res))
             if invalid.any():
                 errs = self.cleaner.label_errors if is_label else self.cleaner.errors
