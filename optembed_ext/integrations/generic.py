@@ -18,6 +18,7 @@ from ..nn.plugin import _copy_table, _optembed_modules, _set_submodule, make_tab
 from ..search.evolution import EvolutionConfig, EvolutionSearch, evaluate_one_at_a_time
 from . import deepctr as _deepctr
 from . import torchfm as _torchfm
+from . import torchrec as _torchrec
 
 __all__ = ["replace_embeddings", "search_dims"]
 
@@ -113,6 +114,7 @@ def replace_embeddings(model: nn.Module, method="optembed", *, embed_dim: int | 
 
     * DeepCTR-Torch models (``embedding_dict``): :func:`optembed_ext.integrations.deepctr.replace_embeddings`;
     * torchfm models (``FeaturesEmbedding``): :func:`optembed_ext.integrations.torchfm.replace_embeddings`;
+    * models holding TorchRec collections: :func:`optembed_ext.integrations.torchrec.replace_embeddings`;
     * otherwise the ``nn.Embedding`` at ``target`` (a submodule name) holding ``sum(cardinalities)`` rows looked
       up with global ids ``(B, F)``: replaced by a table with ``local_ids=False`` (its weights copied when the
       method keeps a full table and ``copy_weights``).
@@ -123,9 +125,11 @@ def replace_embeddings(model: nn.Module, method="optembed", *, embed_dim: int | 
         return [_deepctr.replace_embeddings(model, method, embed_dim=embed_dim, **kwargs)]
     if _torchfm.find_features_embeddings(model):
         return _torchfm.replace_embeddings(model, method, embed_dim=embed_dim, **kwargs)
+    if _torchrec.find_collections(model):
+        return _torchrec.replace_embeddings(model, method, embed_dim=embed_dim, copy_weights=copy_weights, **kwargs)
     if target is None or cardinalities is None:
-        raise ValueError("model is neither a DeepCTR-Torch nor a torchfm model: pass target= (the name of its "
-                         "nn.Embedding) and cardinalities=")
+        raise ValueError("model is neither a DeepCTR-Torch, a torchfm nor a TorchRec model: pass target= (the name "
+                         "of its nn.Embedding) and cardinalities=")
     old = model.get_submodule(target)
     if not isinstance(old, nn.Embedding):
         raise TypeError(f"{target!r} is a {type(old).__name__}, not an nn.Embedding")
