@@ -110,6 +110,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tqdm progress bars")
     g.add_argument("--max-steps-per-epoch", type=int, default=d.max_steps_per_epoch)
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this value")
+    g.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction, default=d.sync_batch_norm,
+                   help="torchrun: batch norm over the whole global batch, not each rank's share (default on)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="also checkpoint every that many steps (default: once per epoch)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,

@@ -132,9 +132,9 @@ class CTRDataset:
     def __post_init__(self):
         for name in ("train", "val", "test"):
             s = getattr(self, name)
-            if s.X.shape[1] != self.feature_map.num_fields:
+            if s.num_fields != self.feature_map.num_fields:
                 raise ValueError(
-                    f"{name}.X has {s.X.shape[1]} columns but the feature map has {self.feature_map.num_fields} fields"
+                    f"{name}.X has {s.num_fields} columns but the feature map has {self.feature_map.num_fields} fields"
                 )
 
     def split(self, name: str) -> CTRSplit:

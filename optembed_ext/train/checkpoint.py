@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.batching import take_rows
+
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 
@@ -93,8 +95,8 @@ def dataset_fingerprint(data, sample_rows: int = 4096) -> dict:
         n = len(split)
         h = hashlib.blake2b(digest_size=12)
         for part in (slice(0, min(n, sample_rows)), slice(max(0, n - sample_rows), n)):
-            _hash_array(h, split.X[part])
-            _hash_array(h, split.y[part])
+            for a in take_rows(split, part):  # only these rows (a memory-mapped split reads nothing else)
+                _hash_array(h, a)
         out[f"{name}_rows"] = int(n)
         out[f"{name}_hash"] = h.hexdigest()
     return out

@@ -44,6 +44,8 @@ class TrainConfig:
     ``threshold_optimizer``: optimizer of learned pruning thresholds (OptEmbed's ``t``): ``"sgd"`` (plain SGD, as
     the OptEmbed authors train them) or ``"adam"``; ``threshold_lr`` its learning rate (``None`` = the module's
     ``threshold_lr``). The thresholds never get weight decay.
+    ``sync_batch_norm``: under data parallelism (more than one rank), batch norm normalises with the statistics of
+    the whole global batch (as one process does) instead of each rank's share (no effect in one process).
     """
 
     epochs: int = 10
@@ -64,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     threshold_optimizer: str = "sgd"
     threshold_lr: float | None = None
+    sync_batch_norm: bool = True
 
     def __post_init__(self):
         def positive_int(name, allow_none=False):
@@ -99,6 +102,8 @@ class TrainConfig:
                                               or not isinstance(self.threshold_lr, (int, float))
                                               or not math.isfinite(self.threshold_lr) or self.threshold_lr < 0):
             raise ValueError(f"threshold_lr must be a finite number >= 0 or None, got {self.threshold_lr!r}")
+        if not isinstance(self.sync_batch_norm, bool):
+            raise ValueError(f"sync_batch_norm must be a bool, got {self.sync_batch_norm!r}")
         if not isinstance(self.optimizer, str):
             raise ValueError(f"optimizer must be a string, got {self.optimizer!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

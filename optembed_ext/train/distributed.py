@@ -10,8 +10,13 @@ Launch: ``torchrun --nproc_per_node N -m optembed_ext <command> ...`` -- the com
 Conventions (the trainer's):
 
 * ``batch_size`` is the *global* batch: every rank walks the same sequence of global batches (the shuffle is a
-  function of ``(seed, epoch)``) and reads only its contiguous part of each (:func:`shard_bounds`), so the optimizer
-  sees the same batches as in one process.
+  function of ``(seed, epoch)``), so the optimizer sees the same batches as in one process; rank ``r`` owns the
+  contiguous block :func:`shard_bounds` of the training split and holds, of every global batch, the rows that lie in
+  its block (:func:`optembed_ext.data.batching.shard_plan`), so over a memory-mapped cache it reads only its block.
+* Batch norm: :func:`sync_batch_norm` makes its statistics those of the global batch (``torch.nn.SyncBatchNorm`` on
+  CUDA; :class:`CPUSyncBatchNorm`, the same reductions over gloo, on the CPU, where torch's has no kernels); without
+  it every rank normalises with its own rows and :func:`broadcast_batch_norm_stats` gives every rank rank 0's
+  running statistics before an evaluation or a checkpoint.
 * Evaluation splits a split into contiguous per-rank blocks, gathers the predictions and labels, and computes the
   AUC / log loss of the whole split on every rank (never an average of per-rank AUCs).
 * Files are written by rank 0 (:func:`is_main`); every rank reads them back after a :func:`barrier`.
@@ -29,13 +34,15 @@ import pickle
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "shard_bounds", "init_from_env",
            "destroy", "broadcast_object", "all_gather_objects", "all_reduce_sum", "gather_rows",
-           "launched_by_torchrun", "SparseAwareDDP", "hold_other_ranks", "release_other_ranks", "wait_for_rank0"]
+           "launched_by_torchrun", "SparseAwareDDP", "hold_other_ranks", "release_other_ranks", "wait_for_rank0",
+           "CPUSyncBatchNorm", "sync_batch_norm", "broadcast_batch_norm_stats"]
 
 
 def is_distributed() -> bool:
@@ -211,3 +218,131 @@ class SparseAwareDDP(DistributedDataParallel):
         sparse = {id(p) for m in self.module.modules() if getattr(m, "sparse_grad", False)
                   and callable(getattr(m, "sparse_parameters", None)) for p in m.sparse_parameters()}
         return parameters, [e or id(p) in sparse for p, e in zip(parameters, expect_sparse)]
+
+
+# ------------------------------------------------------------------------------------------------- batch norm
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm over the rows of every rank: one all-reduce of (sum, sum of squares, count) forward, one of
+    (sum of grad, sum of grad * x_hat) backward -- the reductions ``torch.nn.SyncBatchNorm`` performs with its CUDA
+    kernels. Parameter gradients stay local (DDP averages them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+        x = x.contiguous()
+        C = x.shape[1]
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, C] + [1] * (x.dim() - 2)
+        xd = x.double()
+        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() // max(C, 1)])])
+        dist.all_reduce(stats, group=group)
+        n = float(stats[-1])
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)} over all ranks")
+        mean = stats[:C] / n
+        var = (stats[C:2 * C] / n - mean * mean).clamp_min(0.0)
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        invstd = (var + eps).rsqrt().to(x.dtype)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
+        out = xhat if weight is None else xhat * weight.view(shape)
+        if bias is not None:
+            out = out + bias.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.n, ctx.group, ctx.dims, ctx.shape, ctx.has_bias = n, group, dims, shape, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, weight, invstd = ctx.saved_tensors
+        dims, shape, C = ctx.dims, ctx.shape, xhat.shape[1]
+        grad = grad.contiguous()
+        sum_g = grad.sum(dims)
+        sum_gx = (grad * xhat).sum(dims)
+        total = torch.cat([sum_g, sum_gx]).double()
+        dist.all_reduce(total, group=ctx.group)
+        mean_g = (total[:C] / ctx.n).to(grad.dtype).view(shape)
+        mean_gx = (total[C:] / ctx.n).to(grad.dtype).view(shape)
+        scale = invstd if weight is None else invstd * weight
+        grad_x = (grad - mean_g - xhat * mean_gx) * scale.view(shape)
+        return (grad_x, None if weight is None else sum_gx, sum_g if ctx.has_bias else None,
+                None, None, None, None, None)
+
+
+class CPUSyncBatchNorm(nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` for CPU tensors (gloo): in training mode under a process group of more than one
+    rank the statistics are those of all ranks' rows together (:class:`_GlobalBatchNorm`); otherwise (evaluation,
+    one process, CUDA tensors) it is ``SyncBatchNorm`` itself. Torch's ``SyncBatchNorm`` raises on CPU tensors (its
+    kernels are CUDA-only in torch 2.14)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.device.type != "cpu" or not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        if not is_distributed():
+            return torch.nn.functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, True,
+                                                  factor, self.eps)
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return _GlobalBatchNorm.apply(input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
+                                      group)
+
+
+def _convert_batch_norm(module: nn.Module, cls, group) -> nn.Module:
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  group)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _convert_batch_norm(child, cls, group))
+    return out
+
+
+def sync_batch_norm(module: nn.Module, device=None) -> int:
+    """Make every ``BatchNorm*d`` inside ``module`` (in place, the same parameters and buffers) a synchronised one
+    (``torch.nn.SyncBatchNorm`` when ``device`` is CUDA, :class:`CPUSyncBatchNorm` on the CPU); returns how many it
+    converted. The statistics then travel over their own process group (created here, a collective: every rank
+    calls this at the same point). A no-op (0) in one process or without batch norm."""
+    if not is_distributed():
+        return 0
+    found = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm)]
+    release_other_ranks()
+    if not found:
+        return 0
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        raise TypeError("sync_batch_norm converts the batch norms inside a model, not a batch-norm module itself")
+    cuda = torch.device(device).type == "cuda" if device is not None else False
+    group = dist.new_group(backend=None if cuda else "gloo")
+    for name, child in module.named_children():
+        module.add_module(name, _convert_batch_norm(child, nn.SyncBatchNorm if cuda else CPUSyncBatchNorm, group))
+    return len(found)
+
+
+def broadcast_batch_norm_stats(module: nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s running statistics in every batch norm of ``module`` on every rank (no-op in one process)."""
+    if not is_distributed():
+        return
+    release_other_ranks()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    if buf.device.type == "cpu" or dist.get_backend() == "nccl":
+                        dist.broadcast(buf, src=src)
+                    else:
+                        tmp = buf.cpu()
+                        dist.broadcast(tmp, src=src)
+                        buf.copy_(tmp)

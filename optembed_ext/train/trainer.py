@@ -12,13 +12,19 @@ the early-stopping state. ``fit(resume=True)`` continues from it and, because th
 Data parallel (``torchrun``, :mod:`optembed_ext.train.distributed`): when a process group with more than one rank
 is running, the model (with its embedding's regularization term) is wrapped in ``DistributedDataParallel``
 (gradients, dense or row-sparse, averaged by the engine during ``backward``). ``batch_size`` stays the global
-batch: every rank walks the same global batches and reads only its contiguous piece of each, the loss is scaled
-so that the averaged gradient is the gradient of the global batch's mean loss, and ``trainer.batch_shard`` tells
-callbacks which rows of the global batch this rank holds. Evaluation gathers every rank's predictions and labels
-and computes AUC / log loss over the whole split on every rank. Rank 0 alone writes the checkpoint, the log and
-``metrics.json``; every rank resumes from the same checkpoint. Batch-norm statistics and dropout masks are
-per-rank (as under any DDP); without them a data-parallel run equals the single-process run up to floating-point
-summation order.
+batch: every rank walks the same global batches as one process (the same shuffle), rank ``r`` owns a contiguous
+block of the training split and holds, of every global batch, the rows lying in its block
+(:func:`~optembed_ext.data.batching.shard_plan`; a memory-mapped split, :class:`~optembed_ext.data.batching.MappedSplit`,
+is then read only in that block), the loss is scaled so that the averaged gradient is the gradient of the global
+batch's mean loss, and ``trainer.batch_shard = (positions, global_batch)`` tells callbacks which rows of the global
+batch this rank holds. A global batch that would leave some rank fewer than two rows is skipped by every rank (in
+practice only a short last batch). With ``config.sync_batch_norm`` (default) batch norm uses the global batch's
+statistics (:func:`~optembed_ext.train.distributed.sync_batch_norm`); without it each rank normalises with its own
+rows and rank 0's running statistics are broadcast before every evaluation. Evaluation reads each rank's
+contiguous block of the split, gathers the predictions and labels and computes AUC / log loss over the whole split
+on every rank. Rank 0 alone writes the checkpoint, the log and ``metrics.json``; every rank resumes from the same
+checkpoint. Dropout masks are per-rank (as under any DDP); without dropout a data-parallel run equals the
+single-process run up to floating-point summation order.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import CTRSplit, batches
+from ..data import batches
+from ..data.batching import shard_plan, subsplit
 from . import distributed as dist_utils
 from .callbacks import Callback
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, RESUME_HINT, RunFolderError, dataset_fingerprint,
@@ -97,16 +104,22 @@ class Trainer:
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
-        self.optimizer = build_optimizer(self.model, self.config, extra_param_groups)
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        #: batch norms made synchronised (data parallel with ``config.sync_batch_norm``)
+        self.synced_batch_norms = (dist_utils.sync_batch_norm(self.model, self.device)
+                                   if self.world_size > 1 and config.sync_batch_norm else 0)
+        self.optimizer = build_optimizer(self.model, self.config, extra_param_groups)
         self._ddp = None
         if self.world_size > 1:
             # the regularization term goes through the wrapped forward, so every parameter it touches is reduced;
             # find_unused_parameters: a method may leave parameters out of some steps (frozen masks, DARTS phases)
             self._ddp = dist_utils.SparseAwareDDP(_ForwardWithRegularization(self.model),
                                                   find_unused_parameters=True)
-        #: ``(lo, hi, global_batch)``: the rows of the current global batch this rank holds (``(0, B, B)`` alone)
-        self.batch_shard: tuple[int, int, int] | None = None
+        #: data parallel: ``(positions, global_batch)``, the positions (LongTensor) inside the current global batch of
+        #: the rows this rank holds; ``None`` in one process (the batch is the global batch)
+        self.batch_shard: tuple[torch.Tensor, int] | None = None
+        #: data parallel: ``(lo, hi)``, this rank's block of the training split (every training row it reads)
+        self.data_shard: tuple[int, int] | None = None
         self._reset_state()
 
     # ---------------------------------------------------------------------------------------- setup
@@ -153,21 +166,27 @@ class Trainer:
         return split
 
     def _train_iter(self, epoch: int, skip: int):
+        """``(iterator of (ids, labels, shard), number of steps)``; ``shard`` is ``None`` in one process, else the
+        rank's ``(positions, global_batch)`` of the batch."""
         cfg = self.config
         n = len(self.data.train)
-        # a last batch of one sample breaks batch norm in training mode: drop it (data parallel: a last batch that
-        # would leave a rank fewer than two rows)
+        if self.world_size > 1:
+            # this rank's rows of every global batch, all from its block of the split (skipping a batch that would
+            # leave some rank fewer than two rows: batch norm needs them)
+            plan = shard_plan(n, cfg.batch_size, seed=cfg.seed, epoch=epoch, index=self.rank,
+                              parts=self.world_size, min_rows=2)
+            num = len(plan) if cfg.max_steps_per_epoch is None else min(len(plan), cfg.max_steps_per_epoch)
+            self.data_shard = (plan.lo, plan.hi)
+            it = ((ids, labels, (b.index, b.size)) for ids, labels, b in plan.read(self.data.train, skip, num))
+            return it, num
+        # a last batch of one sample breaks batch norm in training mode: drop it
         rem = n % cfg.batch_size
-        drop_last = 1 <= rem <= 2 * self.world_size - 1 and n > rem
+        drop_last = rem == 1 and n > rem
         num = n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
         if cfg.max_steps_per_epoch is not None:
             num = min(num, cfg.max_steps_per_epoch)
-        part = (self.rank, self.world_size) if self.world_size > 1 else None
-        it = batches(self.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last,
-                     part=part)
-        stop = n - rem if drop_last else n
-        sizes = (min(cfg.batch_size, stop - k * cfg.batch_size) for k in itertools.count())
-        return itertools.islice(zip(it, sizes), skip, num), num
+        it = batches(self.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
+        return ((ids, labels, None) for ids, labels in itertools.islice(it, skip, num)), num
 
     def next_val_batch(self):
         """The next validation batch ``(ids, labels)`` on the trainer's device, cycling (reshuffled each cycle)
@@ -201,21 +220,24 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         full = split
-        if self.world_size > 1:  # this rank's contiguous block; predictions and labels gathered below
+        if self.world_size > 1:  # this rank's contiguous block (read only there); predictions and labels gathered
+            if not self.synced_batch_norms:
+                dist_utils.broadcast_batch_norm_stats(self.model)  # every rank evaluates rank 0's model
             lo, hi = dist_utils.shard_bounds(len(full))
-            split = CTRSplit(full.X[lo:hi], full.y[lo:hi])
-        probs = []
+            split = subsplit(full, lo, hi)
+        probs, labels = [], []
         num_batches = 0
         sync = self.device.type == "cuda"
         with Timer() as timer:
-            for ids, _ in batches(split, self.config.eval_batch_size):
+            for ids, y_batch in batches(split, self.config.eval_batch_size):
                 logits = self.model(ids.to(self.device, non_blocking=True))
                 probs.append(torch.sigmoid(logits.float()).to("cpu", torch.float64))
+                labels.append(y_batch)
                 num_batches += 1
             if sync:
                 torch.cuda.synchronize(self.device)
         self.model.train(was_training)
-        y = np.asarray(split.y, dtype=np.float64)
+        y = torch.cat(labels).numpy().astype(np.float64) if labels else np.zeros(0, dtype=np.float64)
         p = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float64)
         if self.world_size > 1:
             counts = [hi - lo for lo, hi in (dist_utils.shard_bounds(len(full), self.world_size, r)
@@ -369,12 +391,12 @@ class Trainer:
             progress = tqdm(total=num, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False)
         start = time.perf_counter()
         seconds_before = self._epoch_seconds
-        for (ids, labels), global_batch in it:
+        for ids, labels, shard in it:
             ids = ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             self.current_batch = (ids, labels)
-            lo, hi = dist_utils.shard_bounds(global_batch, self.world_size, self.rank)
-            self.batch_shard = (lo, hi, global_batch)
+            self.batch_shard = shard
+            global_batch = ids.shape[0] if shard is None else shard[1]
             model.train()
             for cb in self.callbacks:
                 cb.on_batch_begin(self, ids, labels)

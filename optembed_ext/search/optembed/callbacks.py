@@ -34,14 +34,14 @@ class OptEmbedSupernetCallback(Callback):
     def on_batch_begin(self, trainer, ids, labels) -> None:
         if not self.sample_dims:
             return
-        # under data parallelism (``trainer.batch_shard = (lo, hi, global_batch)``) the dims are drawn for the whole
-        # global batch, the same draws as in one process, and this rank keeps the rows it holds
+        # under data parallelism (``trainer.batch_shard = (positions, global_batch)``) the dims are drawn for the
+        # whole global batch, the same draws as in one process, and this rank keeps those of the rows it holds
         shard = getattr(trainer, "batch_shard", None)
-        rows = ids.shape[0] if shard is None else shard[2]
+        rows = ids.shape[0] if shard is None else shard[1]
         dims = torch.randint(1, self.embedding.embed_dim + 1, (rows, self.embedding.num_fields),
                              generator=self.generator)
-        if shard is not None and shard[1] - shard[0] != rows:
-            dims = dims[shard[0]:shard[1]]
+        if shard is not None:
+            dims = dims[shard[0]]
         self.embedding.set_dims(dims)
 
     def on_epoch_end(self, trainer, epoch: int, val_metrics: dict) -> None:
