@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from optembed_ext.cli import main
-from optembed_ext.search.compare import CompareConfig, collect_rows, format_table, pareto_front, run_compare
+from optembed_ext.search.compare import (CompareConfig, collect_rows, format_table, pareto_front, run_compare,
+                                         run_method)
 
 TINY = {"datasets": ["synthetic-tiny"], "models": ["deepfm"], "embed_dim": 4, "epochs": 1, "batch_size": 256,
         "mlp_dims": [8], "uniform_dims": [2, 4], "synthetic_samples": 1500,
@@ -95,3 +96,33 @@ def test_method_subcommands_write_run_folders(tmp_path, command, options):
     assert saved["command"] == command and saved["embed-dim"] == 4
     # the saved config.yaml reruns the same command (a finished run folder resumes)
     assert main([command, "--config", str(out / "config.yaml")]) == 0
+
+
+def test_optembed_rows_include_the_ablations(monkeypatch, tmp_path):
+    """With ``ablations`` the OptEmbed method reports OptEmbed-E and OptEmbed-D rows, each with its own search
+    time (its supernet and evolution) and the phase-summed training time."""
+    from optembed_ext.data import make_synthetic
+    from optembed_ext.search.optembed import method as oe_method
+
+    def variant(auc, phases):
+        return {"test_auc": auc, "test_logloss": 0.5, "params": 10, "bytes": 40, "sparsity": 0.5,
+                "phases": phases, "seconds": 1.0 * len(phases)}
+
+    fake = {"variants": {"no_retrain": variant(0.7, ["supernet", "evolution"]),
+                         "optembed_e": variant(0.71, ["supernet_e", "retrain_e"]),
+                         "optembed_d": variant(0.72, ["supernet_d", "evolution_d", "retrain_d"])},
+            "phase_seconds": {"supernet": 1.0, "evolution": 2.0, "supernet_e": 4.0, "retrain_e": 8.0,
+                              "supernet_d": 16.0, "evolution_d": 32.0, "retrain_d": 64.0},
+            "field_dims": [2, 3]}
+    monkeypatch.setattr(oe_method, "run_optembed", lambda *a, **k: fake)
+    cfg = CompareConfig(methods=["optembed"], optembed={"ablations": True, "retrain": False})
+    data = make_synthetic(num_samples=100, num_fields=2, seed=0)
+    rows = run_method("optembed", data, "fm", cfg, run_dir=tmp_path)["rows"]
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"no-retrain", "E (rows only)", "D (dims only)"}
+    assert by["E (rows only)"]["auc"] == 0.71 and by["D (dims only)"]["auc"] == 0.72
+    assert by["no-retrain"]["search_seconds"] == 3.0
+    assert by["E (rows only)"]["search_seconds"] == 4.0
+    assert by["D (dims only)"]["search_seconds"] == 48.0
+    assert by["D (dims only)"]["train_seconds"] == 3.0
+    assert by["no-retrain"]["field_dims"] == [2, 3] and by["E (rows only)"]["field_dims"] is None

@@ -250,3 +250,200 @@ def test_package_exports_every_embedding_module():
         cls = getattr(nn_pkg, name)
         assert cls is getattr(importlib.import_module(f"optembed_ext.nn.{mod}"), name)
         assert issubclass(cls, EmbeddingModule)
+
+
+# ------------------------------------------------------------------------------ per-feature thresholds
+def _feature_formula(weight, ids, thr_rows, dims, p, oov, field_of_lookup):
+    """out[b,f,j] = (m w[r,j] + (1-m) oov[f,j]) 1[j < k], m = 1[||w_r||_p > t_r]: the per-row rule in plain ops."""
+    D = weight.shape[1]
+    w = weight[ids]
+    norm = w.abs().sum(-1) if p == 1 else w.pow(2).sum(-1).sqrt()
+    m = (norm > thr_rows[ids]).to(w.dtype).unsqueeze(-1)
+    out = m * w
+    if oov is not None:
+        out = out + (1 - m) * oov[field_of_lookup]
+    if dims is not None:
+        k = dims if dims.dim() == 2 else dims.expand(ids.shape[0], -1)
+        out = out * (torch.arange(D) < k.unsqueeze(-1)).to(w.dtype)
+    return out
+
+
+def _feature_emb(fmap, D, p=1, oov=False, dtype=torch.float64, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    emb = OptEmbedEmbedding(fmap, D, norm=p, oov=oov, threshold_mode="feature", **kw).to(dtype)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(emb.weight.shape, generator=gen, dtype=torch.float64) * 0.3)
+        # thresholds near the row norms: every case of the long-tail STE (|x| <= 0.4, <= 1, > 1) occurs
+        norms = emb.weight.detach().double().norm(p=p, dim=1)
+        emb.threshold.copy_(norms + torch.empty_like(norms).uniform_(-2.0, 2.0, generator=gen))
+        if oov:
+            emb.oov_weight.copy_(torch.randn(emb.oov_weight.shape, generator=gen, dtype=torch.float64))
+    return emb
+
+
+def test_feature_mode_has_one_threshold_per_row_and_rejects_bad_modes():
+    fmap = _fmap()
+    emb = OptEmbedEmbedding(fmap, 4, threshold_mode="feature", alpha=0.5, threshold_init=0.2)
+    assert emb.threshold.shape == (fmap.num_features,) and emb.threshold_mode == "feature"
+    assert OptEmbedEmbedding(fmap, 4).threshold.shape == (fmap.num_fields,)
+    # the regulariser sums over every row threshold
+    assert emb.regularization().item() == pytest.approx(0.5 * fmap.num_features * math.exp(-0.2))
+    emb.regularization().backward()
+    torch.testing.assert_close(emb.threshold.grad, torch.full((fmap.num_features,), -0.5 * math.exp(-0.2)))
+    with pytest.raises(ValueError, match="threshold_mode"):
+        OptEmbedEmbedding(fmap, 4, threshold_mode="row")
+    from optembed_ext.search.optembed import OptEmbedConfig
+
+    with pytest.raises(ValueError, match="threshold_mode"):
+        OptEmbedConfig(threshold_mode="row")
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("oov", [False, True])
+def test_feature_mode_forward_matches_the_per_row_formula(p, oov):
+    fmap = _fmap()
+    emb = _feature_emb(fmap, 6, p=p, oov=oov)
+    gen = torch.Generator().manual_seed(1)
+    ids = _ids(fmap, 17, gen)
+    fol = torch.arange(fmap.num_fields).expand(17, -1)
+    w, t = emb.weight.detach(), emb.threshold.detach()
+    oov_w = emb.oov_weight.detach() if oov else None
+    dims = torch.randint(1, 7, (17, 4), generator=gen)
+    emb.train()
+    emb.set_dims(dims)
+    torch.testing.assert_close(emb(ids), _feature_formula(w, ids, t, dims, p, oov_w, fol))
+    emb.eval()
+    expected = _feature_formula(w, ids, t, None, p, oov_w, fol)
+    torch.testing.assert_close(emb(ids), expected)
+    # two rows of one field with different thresholds: the per-row rule, not a per-field one, decides
+    kept = emb.row_mask()
+    norms = w.norm(p=p, dim=1)
+    assert torch.equal(kept, norms > t)
+    assert 0 < int(kept.sum()) < fmap.num_features
+    # field dims after freezing; the empty batch
+    emb.set_dims(torch.tensor([6, 2, 1, 4]))
+    torch.testing.assert_close(emb(ids), _feature_formula(w, ids, t, torch.tensor([6, 2, 1, 4]), p, oov_w, fol))
+    assert emb(ids[:0]).shape == (0, 4, 6)
+
+
+def _ste(x):
+    ax = x.abs()
+    return torch.where(ax <= 0.4, 2 - 4 * ax, torch.where(ax <= 1, torch.full_like(x, 0.4), torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("oov", [False, True])
+def test_feature_mode_gradients_match_the_straight_through_formula(p, oov):
+    """Gradients of the table, the row thresholds and the OOV vectors written from the formula."""
+    fmap = _fmap()
+    D, B = 6, 19
+    emb = _feature_emb(fmap, D, p=p, oov=oov, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    ids = _ids(fmap, B, gen)
+    ids[5] = ids[0]
+    ids[7] = ids[0]  # repeated rows accumulate
+    dims = torch.randint(1, D + 1, (B, 4), generator=gen)
+    emb.train()
+    emb.set_dims(dims)
+    g = torch.randn(B, 4, D, generator=gen, dtype=torch.float64)
+    (emb(ids) * g).sum().backward()
+
+    w, t = emb.weight.detach(), emb.threshold.detach()
+    rows = w[ids]
+    n = rows.abs().sum(-1) if p == 1 else rows.pow(2).sum(-1).sqrt()
+    x = n - t[ids]
+    m = (x > 0).double()
+    keep = (torch.arange(D) < dims.unsqueeze(-1)).double()
+    o = emb.oov_weight.detach().unsqueeze(0).expand(B, -1, -1) if oov else torch.zeros_like(rows)
+    s = (g * keep * (rows - o)).sum(-1)                              # d out / d m, (B, F)
+    dn = rows.sign() if p == 1 else rows / n.unsqueeze(-1)
+    per_pos = m.unsqueeze(-1) * g * keep + (s * _ste(x)).unsqueeze(-1) * dn
+    grad_w = torch.zeros_like(w).index_add_(0, ids.flatten(), per_pos.reshape(-1, D))
+    grad_t = torch.zeros_like(t).index_add_(0, ids.flatten(), -(s * _ste(x)).flatten())
+    assert (_ste(x) == 0).any() and ((_ste(x) > 0) & (_ste(x) < 0.5)).any() and (_ste(x) > 0.5).any()
+    torch.testing.assert_close(emb.weight.grad, grad_w)
+    torch.testing.assert_close(emb.threshold.grad, grad_t)
+    assert emb.threshold.grad[torch.isin(torch.arange(fmap.num_features), ids.unique(), invert=True)].eq(0).all()
+    if oov:
+        grad_oov = ((1 - m).unsqueeze(-1) * g * keep).sum(0)
+        torch.testing.assert_close(emb.oov_weight.grad, grad_oov)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_feature_mode_low_precision_follows_float64(dtype):
+    fmap = _fmap()
+    ref = _feature_emb(fmap, 8, seed=6)
+    emb = _feature_emb(fmap, 8, seed=6, dtype=dtype)
+    with torch.no_grad():  # the same rows and thresholds, rounded to the dtype
+        ref.weight.copy_(emb.weight.double())
+        ref.threshold.copy_(emb.threshold.double())
+    ids = _ids(fmap, 9, torch.Generator().manual_seed(7))
+    out = emb.eval()(ids)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref.eval()(ids), rtol=0, atol=0)  # a copy or zeros: exact
+
+
+def test_feature_mode_sparse_gradient_equals_dense_and_sgd_steps_row_thresholds():
+    fmap = _fmap()
+    dense = _feature_emb(fmap, 6, oov=True, dtype=torch.float32, seed=8)
+    sparse = _feature_emb(fmap, 6, oov=True, dtype=torch.float32, seed=8, sparse=True)
+    ids = _ids(fmap, 23, torch.Generator().manual_seed(9))
+    g = torch.randn(23, 4, 6, generator=torch.Generator().manual_seed(10))
+    for e in (dense, sparse):
+        e.train()
+        (e(ids) * g).sum().backward()
+    assert sparse.weight.grad.layout == torch.sparse_coo
+    torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad)
+    torch.testing.assert_close(sparse.threshold.grad, dense.threshold.grad)
+    torch.testing.assert_close(sparse.oov_weight.grad, dense.oov_weight.grad)
+    # the trainer's threshold optimizer (plain SGD) moves every row threshold by exactly lr * grad
+    from optembed_ext.train.optimizers import make_threshold_optimizer
+
+    opt = make_threshold_optimizer([dense.threshold], "sgd", 0.25)
+    before, grad = dense.threshold.detach().clone(), dense.threshold.grad.clone()
+    assert grad.abs().sum() > 0
+    opt.step()
+    torch.testing.assert_close(dense.threshold.detach(), before - 0.25 * grad, rtol=0, atol=1e-7)
+
+
+def test_feature_mode_freezes_exports_and_reloads_by_the_threshold_shape():
+    fmap = _fmap()
+    emb = _feature_emb(fmap, 6, dtype=torch.float32, seed=11).eval()
+    ids = _ids(fmap, 15, torch.Generator().manual_seed(12))
+    # the compact table serves the supernet's eval output: kept rows by their own thresholds
+    compact = emb.to_compact()
+    torch.testing.assert_close(compact(ids), emb(ids))
+    assert 0 < sum(emb.kept_rows_per_field()) < fmap.num_features
+    mask = emb.row_mask()
+    emb.freeze(mask, [6, 3, 2, 5])
+    frozen_out = emb(ids)
+    torch.testing.assert_close(emb.to_compact()(ids), frozen_out)
+    # a model built with the default (per-field) mode adopts the per-row thresholds of a saved state dict
+    other = OptEmbedEmbedding(fmap, 6).eval()
+    other.freeze(mask, [6, 3, 2, 5])
+    other.load_state_dict(emb.state_dict())
+    assert other.threshold_mode == "feature" and other.threshold.shape == (fmap.num_features,)
+    torch.testing.assert_close(other(ids), frozen_out)
+    back = OptEmbedEmbedding(fmap, 6, threshold_mode="feature")
+    back.load_state_dict(OptEmbedEmbedding(fmap, 6).state_dict())
+    assert back.threshold_mode == "field" and back.threshold.shape == (fmap.num_fields,)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_feature_mode_compiles_fullgraph_and_exports(training):
+    fmap = _fmap()
+    emb = OptEmbedEmbedding(fmap, 8, threshold_mode="feature", sample_dims=True, oov=True).train(training)
+    with torch.no_grad():
+        emb.threshold.copy_(emb.weight.detach().norm(p=1, dim=1) + torch.linspace(-0.5, 0.5, fmap.num_features))
+    ids = _ids(fmap, 6, torch.Generator().manual_seed(13))
+    torch._dynamo.reset()
+    compiled = torch.compile(emb, fullgraph=True, backend="aot_eager")
+    out = compiled(ids)
+    assert out.shape == (6, 4, 8)
+    if training:
+        out.sum().backward()
+        assert emb.threshold.grad is not None and emb.weight.grad is not None
+    else:
+        torch.testing.assert_close(out, emb(ids))
+        exported = torch.export.export(emb, (ids,))
+        torch.testing.assert_close(exported.module()(ids), emb(ids))

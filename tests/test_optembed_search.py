@@ -343,3 +343,32 @@ def test_example_search_configs_resolve(name):
         opts["dataset_kwargs"] = dict(opts["dataset_kwargs"], num_samples=300)
         data = optembed_cli.load_data(opts)
         assert data.feature_map.num_fields == 39 and data.info["interaction_strength"] > 0
+
+
+def test_per_feature_thresholds_run_end_to_end_and_reach_every_entry_point(tiny_data, tmp_path):
+    from optembed_ext.results import build_retrained_model, load_search_result
+    from optembed_ext.search.compare import CompareConfig
+
+    config = dict(TINY, threshold_mode="feature", ablations=False, generations=1, export=True)
+    res = oe.run_optembed(tiny_data, "deepfm", config, out_dir=tmp_path, log=None)
+    fmap = tiny_data.feature_map
+    assert res["config"]["threshold_mode"] == "feature"
+    assert len(res["thresholds"]) == fmap.num_fields  # reported per field: the mean of its rows' thresholds
+    sup = torch.load(tmp_path / "phases" / "supernet" / "supernet.pt", weights_only=False)
+    t = sup["state_dict"]["embedding.threshold"]
+    assert t.shape == (fmap.num_features,)
+    torch.testing.assert_close(torch.tensor(res["thresholds"][0], dtype=torch.float64),
+                               t[:fmap.cardinalities[0]].double().mean())
+    # the retrained model rebuilds from the result file (its per-row thresholds set the mode) and matches
+    model = build_retrained_model(load_search_result(tmp_path))
+    assert model.embedding.threshold_mode == "feature"
+    assert res["variants"]["optembed"]["test_auc"] > 0.55
+    # the option in the CLI and the comparison
+    args = cli.build_parser().parse_args(["search", "--threshold-mode", "feature"])
+    assert args.threshold_mode == "feature"
+    cmp = CompareConfig(methods=["optembed"], optembed={"threshold_mode": "feature"})
+    method = cmp.build_method("optembed")
+    assert method.config.threshold_mode == "feature"
+    assert method.build_embedding(fmap).threshold.shape == (fmap.num_features,)
+    with pytest.raises(ValueError, match="threshold_mode"):
+        CompareConfig(methods=["optembed"], optembed={"threshold_mode": "rows"})

@@ -3,8 +3,9 @@
 One ``(N, D)`` table serves all three OptEmbed phases:
 
 * **supernet** -- rows are pruned by a learnable per-field threshold ``t`` (``mask = ||w_r||_p > t_f``, trained
-  through the straight-through estimator of :func:`optembed_ext.ops.masked_embedding`), the loss gets
-  ``alpha * sum(exp(-t))`` and, while training, every sample keeps a random prefix ``k in 1..D`` of each field's
+  through the straight-through estimator of :func:`optembed_ext.ops.masked_embedding`), or, with
+  ``threshold_mode="feature"`` (the authors' alternative), by one threshold per row (``mask = ||w_r||_p > t_r``);
+  the loss gets ``alpha * sum(exp(-t))`` over all thresholds and, while training, every sample keeps a random prefix ``k in 1..D`` of each field's
   embedding (``set_dims((B, F))``, done by :class:`optembed_ext.search.optembed.OptEmbedSupernetCallback`);
 * **evolutionary search** -- the table is evaluated with the row mask frozen and candidate field dims;
 * **retraining** -- the row mask ``m_e`` and the field dims ``m_d`` are frozen (:meth:`freeze`), pruned rows
@@ -15,17 +16,62 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import EmbeddingModule
 
 NORMS = (1, 2)
+#: granularity of the learned pruning threshold: one per field (the paper's default) or one per row (feature value)
+THRESHOLD_MODES = ("field", "feature")
 
 
 def _ops():
     from .. import ops  # imported lazily: the op module loads the compiled extension
 
     return ops
+
+
+def feature_masked_embedding(weight: torch.Tensor, ids: torch.Tensor, threshold: torch.Tensor,
+                             dims: torch.Tensor | None = None, p: int = 1, oov_weight: torch.Tensor | None = None,
+                             sparse: bool = False) -> torch.Tensor:
+    """Masked lookup with one threshold per row: ``out[b, f, :k] = m * w[r, :k] + (1 - m) * oov[f, :k]``, zeros
+    beyond ``k = dims[b, f]``, with ``r = ids[b, f]`` and ``m = step(||w[r]||_p - threshold[r])``.
+
+    The step's derivative is the long-tail straight-through estimator of the fused op
+    (:func:`optembed_ext.reference.step_ste_grad`), so ``threshold[r]`` gets ``-H(x) * <g, w[r, :k] - oov[f, :k]>``
+    summed over the lookups of ``r`` and the row gets ``m * g`` on its kept prefix plus the STE term through its
+    norm (over all ``D`` entries), exactly as :func:`optembed_ext.ops.masked_embedding` does with a per-field
+    threshold. Ids must be valid global ids (checked by the module). ``sparse``: the table's gradient is a sparse
+    COO tensor (the thresholds' stays dense). Plain autograd of PyTorch ops: compiles with ``fullgraph=True``.
+    """
+    from ..reference import acc_dtype, step_ste_grad
+
+    D = weight.shape[1]
+    acc = acc_dtype(weight.dtype)
+    rows = F.embedding(ids, weight, sparse=sparse)                       # (B, F, D): every table gradient
+    t = threshold[ids].to(acc)                                          # (B, F): the looked-up rows' thresholds
+    rows_d = rows.detach()
+    x_d = torch.linalg.vector_norm(rows_d, ord=p, dim=-1, dtype=acc) - t.detach()
+    h = step_ste_grad(x_d)                                               # 0 for |x| > 1: no STE term there
+    active = h != 0
+    rows_n = torch.where(active.unsqueeze(-1), rows, rows_d)             # the norm's gradient only where H != 0
+    x = torch.linalg.vector_norm(rows_n, ord=p, dim=-1, dtype=acc) - t
+    hard = torch.where(torch.isnan(x_d), x_d, (x_d > 0).to(acc))
+    ste = torch.where(active, h * (x - x.detach()), torch.zeros_like(x))  # value 0, slope H
+    m = (hard + ste).to(weight.dtype).unsqueeze(-1)
+    keep_cols = None
+    if dims is not None:
+        k = dims if dims.dim() == 2 else dims.unsqueeze(0)
+        keep_cols = torch.arange(D, device=weight.device) < k.unsqueeze(-1)   # (1 or B, F, D)
+
+    def prefix(v: torch.Tensor) -> torch.Tensor:  # exact zeros beyond k, no gradient there (no 0 * inf)
+        return v if keep_cols is None else torch.where(keep_cols, v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    out = m * prefix(rows)
+    if oov_weight is not None:
+        out = out + (1 - m) * prefix(oov_weight.unsqueeze(0))
+    return prefix(out)
 
 
 class OptEmbedEmbedding(EmbeddingModule):
@@ -39,6 +85,10 @@ class OptEmbedEmbedding(EmbeddingModule):
         threshold_lr: learning rate of the thresholds (default 1e-2, the value of the shipped configs); they get no
             weight decay (see :func:`optembed_ext.nn.make_optimizer`).
         threshold_init: initial value of every threshold (default 0).
+        threshold_mode: ``"field"`` (default, the paper): one threshold per field, ``(F,)``, through the fused op;
+            ``"feature"`` (the authors' code's alternative): one threshold per row (feature value), ``(N,)``,
+            computed by :func:`feature_masked_embedding` (PyTorch ops; the table gradient is not fused into a
+            ``fused_bwd_*`` backward but reaches ``weight.grad``, which those optimizers apply in ``step()``).
         prune_rows: learn thresholds (False: no row pruning, the OptEmbed-D supernet).
         oov: pruned rows output a learned per-field OOV vector instead of zeros.
         check_indices: validate ids in ``forward``.
@@ -54,8 +104,9 @@ class OptEmbedEmbedding(EmbeddingModule):
     """
 
     def __init__(self, feature_map, embed_dim: int = 64, *, norm: int = 1, alpha: float = 3e-4,
-                 threshold_lr: float = 1e-2, threshold_init: float = 0.0, prune_rows: bool = True,
-                 oov: bool = False, check_indices: bool = True, sparse: bool = False, sample_dims: bool = False):
+                 threshold_lr: float = 1e-2, threshold_init: float = 0.0, threshold_mode: str = "field",
+                 prune_rows: bool = True, oov: bool = False, check_indices: bool = True, sparse: bool = False,
+                 sample_dims: bool = False):
         super().__init__(feature_map, embed_dim)
         if norm not in NORMS:
             raise ValueError(f"norm must be 1 or 2, got {norm!r}")
@@ -64,6 +115,9 @@ class OptEmbedEmbedding(EmbeddingModule):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if not (isinstance(threshold_init, (int, float)) and math.isfinite(threshold_init)):
             raise ValueError(f"threshold_init must be a finite number, got {threshold_init!r}")
+        if threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+        self.threshold_mode = threshold_mode
         self.norm = int(norm)
         self.alpha = float(alpha)
         self.threshold_lr = float(threshold_lr)
@@ -74,7 +128,8 @@ class OptEmbedEmbedding(EmbeddingModule):
         self.sample_dims = bool(sample_dims)
         self.weight = nn.Parameter(torch.empty(self.num_features, embed_dim))
         if self.prune_rows:
-            self.threshold = nn.Parameter(torch.full((self.num_fields,), self.threshold_init))
+            size = self.num_fields if threshold_mode == "field" else self.num_features
+            self.threshold = nn.Parameter(torch.full((size,), self.threshold_init))
         else:
             self.register_parameter("threshold", None)
         if oov:
@@ -100,6 +155,13 @@ class OptEmbedEmbedding(EmbeddingModule):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # The frozen masks are None-valued buffers until freeze(); adopt their shape from the state dict.
+        # A state dict's threshold says its mode: (F,) per field, (N,) per row (a rebuilt model need not know it).
+        t = state_dict.get(prefix + "threshold")
+        if (t is not None and self.threshold is not None and tuple(t.shape) != tuple(self.threshold.shape)
+                and t.dim() == 1 and t.shape[0] in (self.num_fields, self.num_features)):
+            self.threshold_mode = "field" if t.shape[0] == self.num_fields else "feature"
+            self.threshold = nn.Parameter(torch.empty_like(t, device=self.weight.device),
+                                          requires_grad=self.threshold.requires_grad)
         absent = []
         for name in ("fixed_row_mask", "fixed_field_dims"):
             key = prefix + name
@@ -195,6 +257,9 @@ class OptEmbedEmbedding(EmbeddingModule):
         ops = _ops()
         dims = self._forward_dims(ids.shape[0])
         if not self.frozen:
+            if self.threshold is not None and self.threshold_mode == "feature":
+                return feature_masked_embedding(self.weight, ids, self.threshold, dims, self.norm, self.oov_weight,
+                                                sparse=self.sparse_grad)
             return ops.masked_embedding(self.weight, ids, self.threshold, dims, self.norm, self.oov_weight,
                                         check_indices=False, sparse=self.sparse_grad)
         # Retraining: the frozen row mask replaces the threshold; pruned rows give zeros (or OOV), no gradient.
@@ -212,7 +277,7 @@ class OptEmbedEmbedding(EmbeddingModule):
 
     # --------------------------------------------------------------- training
     def regularization(self) -> torch.Tensor:
-        """``alpha * sum_f exp(-t_f)`` while the thresholds are learned, else 0."""
+        """``alpha * sum exp(-t)`` over every threshold (per field or per row) while they are learned, else 0."""
         if self.threshold is None or self.frozen or self.alpha == 0:
             return torch.zeros((), device=self.weight.device)
         return self.alpha * torch.exp(-self.threshold).sum()
@@ -228,11 +293,18 @@ class OptEmbedEmbedding(EmbeddingModule):
     # ------------------------------------------------------------------ masks
     @torch.no_grad()
     def row_mask(self) -> torch.Tensor:
-        """bool (N,): rows kept -- the frozen mask, else ``||w_r||_p > t_f`` (all True without thresholds)."""
+        """bool (N,): rows kept -- the frozen mask, else ``||w_r||_p > t_f`` (``> t_r`` per row with
+        ``threshold_mode="feature"``; all True without thresholds)."""
         if self.frozen:
             return self.fixed_row_mask.clone()
         if self.threshold is None:
             return torch.ones(self.num_features, dtype=torch.bool, device=self.weight.device)
+        if self.threshold_mode == "feature":
+            if bool(torch.isnan(self.threshold).any()):
+                raise ValueError(f"threshold[{int(torch.isnan(self.threshold).nonzero()[0, 0])}] is NaN")
+            norm = torch.linalg.vector_norm(self.weight.detach(), ord=self.norm, dim=1,
+                                            dtype=torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+            return (norm - self.threshold.detach().to(norm.dtype)) > 0
         return _ops().row_mask(self.weight.detach(), self.field_of_row, self.threshold.detach(), self.norm)
 
     @torch.no_grad()
@@ -253,6 +325,21 @@ class OptEmbedEmbedding(EmbeddingModule):
                                               **kwargs)
         compact.local_ids = self.local_ids
         return compact
+
+    @torch.no_grad()
+    def field_thresholds(self) -> list[float] | None:
+        """One threshold per field, for reports: the thresholds themselves (``threshold_mode="field"``) or the mean
+        of each field's row thresholds (``"feature"``; NaN for a field without rows); None without thresholds."""
+        if self.threshold is None:
+            return None
+        t = self.threshold.detach().double()
+        if self.threshold_mode == "field":
+            return [float(v) for v in t.cpu().tolist()]
+        fr = self.field_of_row.to(t.device)
+        sums = torch.zeros(self.num_fields, dtype=torch.float64, device=t.device).index_add_(0, fr, t)
+        counts = torch.zeros(self.num_fields, dtype=torch.float64, device=t.device).index_add_(
+            0, fr, torch.ones_like(t))
+        return [float(v) for v in (sums / counts).cpu().tolist()]
 
     def field_dims(self) -> list[int]:
         """Dimension of each field as served: the frozen field dims, else ``D`` for every field."""
@@ -282,5 +369,6 @@ class OptEmbedEmbedding(EmbeddingModule):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", norm={self.norm}, alpha={self.alpha}, prune_rows={self.prune_rows}, "
+                f"threshold_mode={self.threshold_mode!r}, "
                 f"oov={self.oov_weight is not None}, frozen={self.frozen}, sparse={self.sparse_grad}")
 

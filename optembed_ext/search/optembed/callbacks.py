@@ -50,8 +50,8 @@ class OptEmbedSupernetCallback(Callback):
         mask = self.embedding.row_mask().cpu()
         entry = {"epoch": int(epoch), "val_auc": auc, "kept_rows": int(mask.sum()),
                  "kept_rows_per_field": self.embedding.kept_rows_per_field()}
-        if self.embedding.threshold is not None:
-            entry["threshold"] = [float(t) for t in self.embedding.threshold.detach().cpu().tolist()]
+        if self.embedding.threshold is not None:  # per field (the mean of its rows' with per-row thresholds)
+            entry["threshold"] = self.embedding.field_thresholds()
         self.history.append(entry)
         if auc > self.best_auc:
             self.best_auc, self.best_epoch, self.best_row_mask = auc, int(epoch), mask

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ...train.config import dataclass_from_dict
+from ...nn.optembed import THRESHOLD_MODES
 from ..evolution import EvolutionConfig
 
 #: initial weights of the retraining: the supernet's initial weights (lottery ticket, the paper's), new random
@@ -33,6 +34,7 @@ class OptEmbedConfig:
     threshold_lr: float = 3e-4
     threshold_optimizer: str = "sgd"   # the authors': plain SGD for the thresholds, Adam for everything else
     threshold_init: float = 0.0
+    threshold_mode: str = "field"      # one threshold per field (the paper) or per feature value ("feature")
     oov: bool = False
     # training
     lr: float = 1e-4
@@ -75,6 +77,8 @@ class OptEmbedConfig:
         if self.ablation_supernets not in ABLATION_SUPERNETS:
             raise ValueError(f"ablation_supernets must be one of {ABLATION_SUPERNETS}, "
                              f"got {self.ablation_supernets!r}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
         if self.norm not in (1, 2):
             raise ValueError(f"norm must be 1 or 2, got {self.norm!r}")
         if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:

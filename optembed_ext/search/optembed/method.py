@@ -25,6 +25,20 @@ def shared_options(settings: RunSettings) -> dict:
             "progress": False, "baseline": False, "threshold_optimizer": tc.threshold_optimizer}
 
 
+#: the row variant of each pipeline variant: OptEmbed, without retraining, and with ``ablations`` OptEmbed-E (row
+#: pruning only) and OptEmbed-D (field dims only)
+VARIANT_NAMES = {"optembed": "retrain", "no_retrain": "no-retrain", "optembed_e": "E (rows only)",
+                 "optembed_d": "D (dims only)"}
+
+
+def _search_seconds(variant: dict, phase_seconds: dict, default: float) -> float:
+    """Seconds of the variant's search phases (its supernet and evolution, not its retraining)."""
+    names = [p for p in variant.get("phases") or [] if not p.startswith("retrain")]
+    if not names:
+        return default
+    return float(sum(float(phase_seconds.get(p, 0.0)) for p in names))
+
+
 @register_method
 class OptEmbed(Method):
     """OptEmbed (Lyu et al., CIKM 2022): supernet, evolutionary search, retraining, compact export.
@@ -51,10 +65,11 @@ class OptEmbed(Method):
         c = self.config
         return OptEmbedEmbedding(feature_map, c.embed_dim if embed_dim is None else int(embed_dim), norm=c.norm,
                                  alpha=c.alpha, threshold_lr=c.threshold_lr, threshold_init=c.threshold_init,
-                                 oov=c.oov)
+                                 threshold_mode=c.threshold_mode, oov=c.oov)
 
     def run(self, data, model_name: str, settings: RunSettings | None = None, run_dir=None) -> MethodResult:
-        """The pipeline in ``run_dir/optembed``; rows ``retrain`` (OptEmbed) and ``no-retrain``."""
+        """The pipeline in ``run_dir/optembed``; rows ``retrain`` (OptEmbed) and ``no-retrain``, and with
+        ``ablations`` the OptEmbed-E and OptEmbed-D rows."""
         from ...train.trainer import Trainer
 
         config = self.config
@@ -70,17 +85,18 @@ class OptEmbed(Method):
             model = build_retrained_model(load_search_result(out / "optembed"))
             trainer = Trainer(model, data, config.train_config(config.epochs))
             infer = float(trainer.evaluate("test")["seconds"])
-        for name in ("optembed", "no_retrain"):
+        for name in ("optembed", "no_retrain", "optembed_e", "optembed_d"):
             v = variants.get(name)
             if not v:
                 continue
             rows.append({
-                "method": "optembed", "variant": "retrain" if name == "optembed" else "no-retrain",
+                "method": "optembed", "variant": VARIANT_NAMES[name],
                 "auc": v.get("test_auc"), "logloss": v.get("test_logloss"), "num_params": v.get("params"),
                 "sparsity": v.get("sparsity"), "memory_bytes": v.get("bytes"),
-                "train_seconds": float(v.get("seconds", math.nan)), "search_seconds": search_s,
+                "train_seconds": float(v.get("seconds", math.nan)),
+                "search_seconds": _search_seconds(v, phase_s, search_s),
                 "infer_seconds": infer if name == "optembed" else math.nan,
-                "field_dims": result.get("field_dims"),
+                "field_dims": result.get("field_dims") if name in ("optembed", "no_retrain") else None,
             })
         search = {k: result.get(k) for k in ("field_dims", "kept_rows_per_field", "phase_seconds", "evolution")}
         return MethodResult(rows=rows, search=search)

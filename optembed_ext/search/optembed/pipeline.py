@@ -56,9 +56,17 @@ logger = logging.getLogger(__name__)
 # =========================================================================== helpers
 def build_optembed_model(model_name: str, feature_map, config: OptEmbedConfig, *, prune_rows: bool = True):
     """A backbone around an :class:`OptEmbedEmbedding` with the run's settings."""
-    return _build_optembed_model(model_name, feature_map, config.embed_dim, model_cfg=config.model_cfg,
-                                 norm=config.norm, alpha=config.alpha, threshold_lr=config.threshold_lr,
-                                 threshold_init=config.threshold_init, prune_rows=prune_rows, oov=config.oov)
+    if config.threshold_mode == "field" or not prune_rows:
+        return _build_optembed_model(model_name, feature_map, config.embed_dim, model_cfg=config.model_cfg,
+                                     norm=config.norm, alpha=config.alpha, threshold_lr=config.threshold_lr,
+                                     threshold_init=config.threshold_init, prune_rows=prune_rows, oov=config.oov)
+    from ...models import build_model
+    from ...nn.optembed import OptEmbedEmbedding
+
+    emb = OptEmbedEmbedding(feature_map, config.embed_dim, norm=config.norm, alpha=config.alpha,
+                            threshold_lr=config.threshold_lr, threshold_init=config.threshold_init,
+                            threshold_mode=config.threshold_mode, prune_rows=True, oov=config.oov)
+    return build_model(model_name, feature_map, emb, **dict(config.model_cfg))
 
 
 def build_uniform_model(model_name: str, feature_map, config: OptEmbedConfig):
@@ -273,7 +281,7 @@ class OptEmbedRun:
                        self.phase_dir(name) / "supernet.pt")
         counts = torch.zeros(self.fmap.num_fields, dtype=torch.long)
         counts.index_add_(0, emb.field_of_row.cpu(), row_mask.long())
-        thresholds = emb.threshold.detach().cpu().tolist() if emb.threshold is not None else None
+        thresholds = emb.field_thresholds()  # per field (per-row thresholds: their mean per field)
         return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
                                   "test_logloss": result["test_logloss"], "val_auc": result.get("best_val_auc"),
                                   "best_epoch": cb.best_epoch, "kept_rows": int(row_mask.sum()),
