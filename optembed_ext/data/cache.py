@@ -205,8 +205,32 @@ def _check_blocks(path: Path, want: dict[str, Any], full: bool, rng: random.Rand
                                  "the cache was written (checksum mismatch)")
 
 
-def _check_ranges(X: np.ndarray, y: np.ndarray, fmap: FeatureMap, full: bool, rng: random.Random) -> None:
-    n = X.shape[0]
+class _RowReader:
+    """Rows of a memory-mapped ``.npy`` array read with plain file reads: the checks leave what they read in the page
+    cache, not in the process's mapping (its resident set), so a process that then reads a part of the array holds
+    only that part."""
+
+    def __init__(self, path: Path, arr: np.ndarray):
+        self.arr = arr
+        plain = isinstance(arr, np.memmap) and arr.flags.c_contiguous and arr.ndim in (1, 2)
+        self.f = open(path, "rb") if plain else None
+        self.row = arr.dtype.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if self.f is None:
+            return np.asarray(self.arr[rows])
+        a, b = rows.start, rows.stop
+        self.f.seek(self.arr.offset + a * self.row)
+        out = np.frombuffer(self.f.read((b - a) * self.row), dtype=self.arr.dtype)
+        return out.reshape((b - a,) + self.arr.shape[1:])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _check_ranges(X, y, fmap: FeatureMap, full: bool, rng: random.Random) -> None:
+    n = X.arr.shape[0] if isinstance(X, _RowReader) else X.shape[0]
     lo = np.asarray(fmap.offsets, dtype=np.int64)
     hi = lo + np.asarray(fmap.cardinalities, dtype=np.int64)
     starts = list(range(0, n, _RANGE_ROWS))
@@ -283,7 +307,12 @@ def verify_cache(folder, *, full: bool | None = None, format_version: int | None
         rows = meta.get("rows")
         if rows is not None and rows != X.shape[0]:
             raise CacheError(f"X.npy has {X.shape[0]} rows, meta.json says {rows}")
-        _check_ranges(X, y, fmap, full, rng)
+        readers = (_RowReader(folder / "X.npy", X), _RowReader(folder / "y.npy", y))
+        try:
+            _check_ranges(*readers, fmap, full, rng)
+        finally:
+            for r in readers:
+                r.close()
     except CacheError as e:
         if str(e).startswith(str(folder)):
             raise
