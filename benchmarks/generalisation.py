@@ -1,0 +1,216 @@
+"""Does the shipped MovieLens config hold on MovieLens-format data it was not tuned on?
+
+Builds extra data sets from what is on the machine, runs ``optembed search`` with
+``configs/optembed_ml100k_deepfm.yaml`` as shipped (only the data set, the seed and the output folder change;
+``--export false --measure-speedup false`` skip the export and the timing, which do not change any metric) for
+several seeds, and writes the table of uniform vs OptEmbed vs OptEmbed without retraining (test AUC, sparsity).
+
+Data sets (written in the MovieLens-1M ``.dat`` format and read by the ``movielens1m`` loader, except the synthetic
+one):
+
+- ``ml100k-recoded``: MovieLens 100K re-encoded with other fields: age as the ML-1M age groups (7 values instead
+  of 61 ages), zip as its first 3 digits, genres as the movie's first genre only, occupation as its ML-1M-style
+  code; random 8:1:1 split.
+- ``ml100k-userdisjoint``: MovieLens 100K with its own fields, users shuffled and the ratings file ordered by user
+  so that the sequential 8:1:1 split (``split: sequential``) puts every user in one split (only the users on the two
+  cuts straddle): the test users' ids are never trained (cold start), their rows are pure noise.
+- ``synthetic-ml``: the synthetic generator at a MovieLens-1M shape (8 fields with ML-1M cardinalities 6040 /
+  3706 / 2 / 7 / 21 / 3439 / 81 / 301, 6 informative fields with planted pairwise interactions, 2 noise fields,
+  100k samples).
+
+    python benchmarks/generalisation.py --data-dir ../shared/data/ml-100k --work /tmp/generalisation --seeds 0 1 2
+
+Run folders are resumable (a rerun reuses finished runs); ``--only-table`` rebuilds the table. Writes
+``WORK/table.md`` and ``WORK/table.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "optembed_ml100k_deepfm.yaml"
+ML1M_AGES = (1, 18, 25, 35, 45, 50, 56)  # ML-1M age groups: under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+
+SYNTHETIC_ML = {"num_samples": 100000, "num_fields": 8, "vocab_sizes": [6040, 3706, 2, 7, 21, 3439, 81, 301],
+                "informative_fields": [0, 1, 3, 4, 6, 7], "interaction_strength": 2.0}
+DATASETS = ("ml100k-recoded", "ml100k-userdisjoint", "synthetic-ml")
+
+
+# ------------------------------------------------------------------------------------------ data sets
+def _read_ml100k(src: Path):
+    users = {}
+    for line in (src / "u.user").read_text(encoding="latin-1").splitlines():
+        uid, age, gender, occ, zipc = line.split("|")
+        users[uid] = (int(age), gender, occ, zipc)
+    genres = [ln.split("|")[0] for ln in (src / "u.genre").read_text(encoding="latin-1").splitlines() if ln]
+    movies = {}
+    for line in (src / "u.item").read_text(encoding="latin-1").splitlines():
+        v = line.split("|")
+        names = [g for g, flag in zip(genres, v[5:]) if flag == "1"]
+        movies[v[0]] = (v[1], v[2], names)
+    ratings = [ln.split("\t") for ln in (src / "u.data").read_text(encoding="latin-1").splitlines() if ln]
+    return users, movies, ratings
+
+
+def _title_with_year(title: str, release: str) -> str:
+    if "(" in title and title.rstrip().endswith(")"):
+        return title
+    year = release.strip()[-4:]
+    return f"{title} ({year})" if year.isdigit() else title
+
+
+def _age_group(age: int) -> int:
+    return max(a for a in ML1M_AGES if age >= a) if age >= 18 else 1
+
+
+def write_recoded(src: Path, out: Path) -> None:
+    users, movies, ratings = _read_ml100k(src)
+    out.mkdir(parents=True, exist_ok=True)
+    occs = sorted({u[2] for u in users.values()})
+    with open(out / "users.dat", "w", encoding="latin-1") as f:
+        for uid, (age, gender, occ, zipc) in users.items():
+            f.write(f"{uid}::{gender}::{_age_group(age)}::{occs.index(occ)}::{zipc[:3]}\n")
+    with open(out / "movies.dat", "w", encoding="latin-1") as f:
+        for mid, (title, release, names) in movies.items():
+            f.write(f"{mid}::{_title_with_year(title, release)}::{names[0] if names else 'unknown'}\n")
+    with open(out / "ratings.dat", "w", encoding="latin-1") as f:
+        for uid, mid, r, ts in ratings:
+            f.write(f"{uid}::{mid}::{r}::{ts}\n")
+
+
+def write_userdisjoint(src: Path, out: Path, seed: int = 2022) -> dict:
+    users, movies, ratings = _read_ml100k(src)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "users.dat", "w", encoding="latin-1") as f:
+        for uid, (age, gender, occ, zipc) in users.items():
+            f.write(f"{uid}::{gender}::{age}::{occ}::{zipc}\n")
+    with open(out / "movies.dat", "w", encoding="latin-1") as f:
+        for mid, (title, release, names) in movies.items():
+            f.write(f"{mid}::{_title_with_year(title, release)}::{'|'.join(names)}\n")
+    order = sorted(users, key=int)
+    np.random.default_rng(seed).shuffle(order)
+    by_user: dict[str, list] = {u: [] for u in order}
+    for row in ratings:
+        by_user[row[0]].append(row)
+    with open(out / "ratings.dat", "w", encoding="latin-1") as f:
+        for u in order:
+            for uid, mid, r, ts in by_user[u]:
+                f.write(f"{uid}::{mid}::{r}::{ts}\n")
+    # which users the sequential 8:1:1 split of the kept rows (rating != 3) puts in more than one split
+    kept = [u for u in order for row in by_user[u] if row[2] != "3"]
+    n = len(kept)
+    cuts = (int(0.8 * n), int(0.9 * n))
+    straddle = sorted({kept[c - 1] for c in cuts if 0 < c < n and kept[c - 1] == kept[c]})
+    return {"users": len(order), "kept_rows": n, "straddling_users": straddle}
+
+
+def prepare(src: Path, work: Path) -> dict:
+    info = {}
+    data = work / "data"
+    if not (data / "ml100k-recoded" / "ratings.dat").is_file():
+        write_recoded(src, data / "ml100k-recoded")
+    info["ml100k-userdisjoint"] = write_userdisjoint(src, data / "ml100k-userdisjoint")
+    return info
+
+
+def search_args(name: str, work: Path) -> list[str]:
+    if name == "ml100k-recoded":
+        return ["--dataset", "movielens1m", "--data-dir", str(work / "data" / name)]
+    if name == "ml100k-userdisjoint":
+        return ["--dataset", "movielens1m", "--data-dir", str(work / "data" / name), "--dataset-kwargs",
+                "{split: sequential}"]
+    if name == "synthetic-ml":
+        return ["--dataset", "synthetic", "--dataset-kwargs", json.dumps(SYNTHETIC_ML)]
+    raise ValueError(f"unknown data set {name!r}; known: {DATASETS}")
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run(name: str, seed: int, work: Path, extra: list[str]) -> Path:
+    out = work / "runs" / name / f"seed{seed}"
+    if (out / "metrics.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "optembed_ext", "search", "--config", str(CONFIG), *search_args(name, work),
+           "--cache-dir", str(work / "cache"), "--seed", str(seed), "--out", str(out), "--export", "false",
+           "--measure-speedup", "false", *extra]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def _ms(vals):
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def table(work: Path, names, seeds) -> str:
+    lines = ["| data set | seeds | uniform AUC | OptEmbed AUC | w/o retraining AUC | OptEmbed - uniform | "
+             "retrained - w/o | sparsity | kept rows | field dims (seed by seed) |", "|" + "---|" * 10]
+    rows = []
+    for name in names:
+        runs = {}
+        for s in seeds:
+            f = work / "runs" / name / f"seed{s}" / "metrics.json"
+            if f.is_file():
+                runs[s] = json.loads(f.read_text())
+        if not runs:
+            continue
+        get = lambda v, k: [r["variants"][v][k] for r in runs.values()]  # noqa: E731
+        u, o, n = get("uniform", "test_auc"), get("optembed", "test_auc"), get("no_retrain", "test_auc")
+        d_ou = [a - b for a, b in zip(o, u)]
+        d_on = [a - b for a, b in zip(o, n)]
+        sp = get("optembed", "sparsity")
+        kept = [sum(r["kept_rows_per_field"]) / r["num_features"] for r in runs.values()]
+        dims = " ; ".join("/".join(str(d) for d in r["field_dims"]) for r in runs.values())
+        f = lambda v: "{:.4f} +- {:.4f}".format(*_ms(v))  # noqa: E731
+        g = lambda v: "{:+.4f} +- {:.4f}".format(*_ms(v))  # noqa: E731
+        lines.append(f"| {name} | {', '.join(map(str, runs))} | {f(u)} | {f(o)} | {f(n)} | {g(d_ou)} | {g(d_on)} | "
+                     f"{_ms(sp)[0]:.3f} +- {_ms(sp)[1]:.3f} | {_ms(kept)[0]:.3f} | {dims} |")
+        rows.append({"dataset": name, "seeds": list(runs), "uniform": u, "optembed": o, "no_retrain": n,
+                     "sparsity": sp, "kept_row_share": kept,
+                     "thresholds": [r.get("thresholds") for r in runs.values()],
+                     "kept_rows_per_field": [r["kept_rows_per_field"] for r in runs.values()],
+                     "field_dims": [r["field_dims"] for r in runs.values()],
+                     "cardinalities": next(iter(runs.values()))["cardinalities"],
+                     "field_names": next(iter(runs.values()))["field_names"]})
+    (work / "table.json").write_text(json.dumps(rows, indent=1))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "ml-100k"))
+    ap.add_argument("--work", default="/tmp/generalisation")
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only-table", action="store_true")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more options for optembed search")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    extra = [a for a in args.extra if a != "--"]
+    if not args.only_table:
+        info = prepare(Path(args.data_dir), work)
+        print(json.dumps(info), flush=True)
+        for s in args.seeds:  # every data set at one seed before the next seed
+            for name in args.datasets:
+                run(name, s, work, extra)
+    text = table(work, args.datasets, args.seeds)
+    (work / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
