@@ -532,23 +532,23 @@ class _Issues:
 
 
 def _text_batches(path: Path, inp: InputSpec, sep: str, all_columns: list[str], columns: list[str],
-                  issues: _Issues | None, max_rows: int | None, stats: dict | None):
-    """``(n, {column: pyarrow string array}, line numbers)`` of a delimited text file, chunk by chunk, through the
-    built-in line reader; blank lines skipped, rows with a wrong column count malformed (or padded)."""
+                  max_rows: int | None, stats: dict | None):
+    """``(n, {column: pyarrow string array}, line numbers, issues)`` of a delimited text file, chunk by chunk,
+    through the built-in line reader: blank lines skipped, rows with a wrong column count left out (or padded) and
+    listed in ``issues`` as ``(line, reason, kind, value)``."""
     pa, _, _ = _pa()
     ncols = len(all_columns)
     minc = inp.min_columns or ncols
     where = [all_columns.index(c) for c in columns]
     source = _stream.RawSource(path, sep, inp.header, encoding=inp.encoding)
     for lineno0, rows in _stream.iter_row_chunks(source, CHUNK_ROWS, max_rows):
-        kept, lines = [], []
+        kept, lines, issues = [], [], []
         for i, r in enumerate(rows):
             n = len(r)
             if n == ncols and type(r) is list:
                 pass
             elif type(r) is not list:  # a line the reader could not split (an unclosed quote)
-                if issues is not None:
-                    issues.add(None, None, r.reason, r.kind, r.value, line=lineno0 + i)
+                issues.append((lineno0 + i, r.reason, r.kind, r.value))
                 continue
             elif n == 1 and r[0] == "":
                 if stats is not None:
@@ -559,19 +559,16 @@ def _text_batches(path: Path, inp: InputSpec, sep: str, all_columns: list[str], 
                 if stats is not None:
                     stats["padded_rows"] += 1
             else:
-                if issues is not None:
-                    issues.add(None, None, f"expected {ncols} {_sep_name(sep)}-separated columns, got {n}",
-                               "wrong_column_count", None, line=lineno0 + i)
+                issues.append((lineno0 + i, f"expected {ncols} {_sep_name(sep)}-separated columns, got {n}",
+                               "wrong_column_count", None))
                 continue
             kept.append(r)
             lines.append(lineno0 + i)
         if stats is not None and "rows_read" in stats:
             stats["rows_read"] += len(rows) - len(kept)  # the kept rows are counted by the caller
-        if not kept:
-            continue
-        cols = list(zip(*kept))
-        yield len(kept), {c: pa.array(cols[j], pa.string()) for c, j in zip(columns, where)}, \
-            np.asarray(lines, dtype=np.int64)
+        cols = list(zip(*kept)) if kept else [()] * ncols
+        yield len(kept), {c: pa.array(list(cols[j]), pa.string()) for c, j in zip(columns, where)}, \
+            np.asarray(lines, dtype=np.int64), issues
 
 
 def _sep_name(sep: str) -> str:
@@ -630,14 +627,12 @@ class _Reader:
     def separator(self) -> str:
         return self.inp.separator or ("\t" if self.format == "tsv" else ",")
 
-    def batches(self, columns: list[str], issues: _Issues | None, max_rows: int | None = None,
-                stats: dict | None = None):
-        """``(n, {column: string array}, numbers)``: ``numbers`` are the rows' physical lines (text files) or
-        1-based row numbers (Parquet)."""
+    def batches(self, columns: list[str], max_rows: int | None = None, stats: dict | None = None):
+        """``(n, {column: string array}, numbers, issues)``: ``numbers`` are the rows' physical lines (text files)
+        or 1-based row numbers (Parquet); ``issues`` the left-out lines ``(line, reason, kind, value)``."""
         pa, pc, _ = _pa()
         if self.format != "parquet":
-            yield from _text_batches(self.path, self.inp, self.separator, self.columns, columns, issues, max_rows,
-                                     stats)
+            yield from _text_batches(self.path, self.inp, self.separator, self.columns, columns, max_rows, stats)
             return
         import pyarrow.parquet as pq
 
@@ -655,7 +650,7 @@ class _Reader:
                 if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
                     arr = _to_string(arr)
                 cols[name] = pc.fill_null(arr, "")
-            yield batch.num_rows, cols, np.arange(seen + 1, seen + batch.num_rows + 1)
+            yield batch.num_rows, cols, np.arange(seen + 1, seen + batch.num_rows + 1), []
             seen += batch.num_rows
             if max_rows is not None and seen >= max_rows:
                 return
@@ -844,8 +839,11 @@ class _SideTable:
                       "malformed_by_reason": {}, "malformed_examples": []}
         issues = _Issues(self.path, strict, self.stats)
         pa, pc, _ = _pa()
-        tables = [pa.table(cols) for _, cols, _ in self.reader.batches(self.reader.columns, issues,
-                                                                         stats=self.stats)]
+        tables = []
+        for _, cols, _, bad in self.reader.batches(self.reader.columns, stats=self.stats):
+            for line, reason, kind, value in bad:
+                issues.add(None, None, reason, kind, _shorten(value), line=line)
+            tables.append(pa.table(cols))
         if not tables:
             raise DataFormatError(f"{self.path}: the side table holds no rows", file=self.path)
         table = pa.concat_tables(tables)
@@ -905,7 +903,7 @@ def _quantile_boundaries(spec: Spec, main: _Reader, builders: list[_Column], max
         return
     values = {b.rule.column: [] for b in qs}
     counts = dict.fromkeys(values, 0)
-    for _, cols, _ in main.batches(list(values), None, max_rows):
+    for _, cols, _, _ in main.batches(list(values), max_rows):
         for c in values:
             if counts[c] >= QUANTILE_SAMPLE:
                 continue
@@ -939,7 +937,7 @@ def _write_tokens(spec: Spec, main: _Reader, sides: list[_SideTable], owner: dic
     times = [] if spec.split.by == "time" else None
     time_memo: dict = {}
     label_memo: dict = {}
-    for n, cols, numbers in main.batches(_main_columns(spec, owner, sides), issues, max_rows, stats):
+    for n, cols, numbers, left_out in main.batches(_main_columns(spec, owner, sides), max_rows, stats):
         stats["rows_read"] += n
         bad: dict[int, tuple] = {}
         for side in sides:  # join: the side table's columns taken at each row's key
@@ -964,14 +962,15 @@ def _write_tokens(spec: Spec, main: _Reader, sides: list[_SideTable], owner: dic
             tcol = _map_unique(cols[spec.split.column], lambda s: repr(_time_value(s)), time_memo, bad,
                                spec.split.column, empty=None)
         keep = np.ones(n, dtype=bool)
-        for row in sorted(bad):
-            column, value, reason = bad[row]
+        found = [(line, None, reason, kind, value) for line, reason, kind, value in left_out]
+        for row, (column, value, reason) in bad.items():
             kind = "missing_key" if reason.startswith("key not found") else (
                 "bad_label" if column == spec.label.column else "bad_value")
-            num = int(numbers[row])
+            found.append((int(numbers[row]), column, reason, kind, value))
+            keep[row] = False
+        for num, column, reason, kind, value in sorted(found, key=lambda t: t[0]):  # in file order
             issues.add(num if main.numbering == "row" else None, column, reason, kind, _shorten(value),
                        line=num if main.numbering == "line" else None)
-            keep[row] = False
         lab = np.asarray(pc.cast(pc.if_else(pc.equal(labels, ""), "-2", labels), pa.int64()))
         filtered = keep & (lab == -1)
         stats["filtered"] += int(filtered.sum())
