@@ -603,12 +603,12 @@ template <typename scalar_t, typename index_t, int P, bool kThr, RowOptimizer kO
 void backward_update_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t* __restrict__ w,
                             at::opmath_type<scalar_t>* __restrict__ s1, at::opmath_type<scalar_t>* __restrict__ s2,
                             const RowUpdateParams<at::opmath_type<scalar_t>>& hp,
-                            at::opmath_type<scalar_t>* __restrict__ sh_buf) {
+                            at::opmath_type<scalar_t>* __restrict__ sh_buf, int64_t* __restrict__ last) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = pr.D;
   backward_sorted_kernel<scalar_t, index_t, P, kThr>(pr, ptr, sh_buf, nullptr, [&](int64_t r, acc_t* acc, acc_t* tmp) {
     if constexpr (kOpt == RowOptimizer::kAdagrad) prefetch_row(s1 + r, 1, true);
-    apply_row_update<kOpt>(w + r * D, acc, r, D, s1, s2, tmp, hp);
+    apply_row_update<kOpt>(w + r * D, acc, r, D, s1, s2, tmp, hp, last);
   });
 }
 
@@ -742,7 +742,7 @@ std::tuple<Tensor, Tensor> masked_embedding_backward_update_cpu(
     const std::optional<Tensor>& threshold, const std::optional<Tensor>& dims, int64_t p,
     const std::optional<Tensor>& oov_weight, std::optional<Tensor> state1, std::optional<Tensor> state2,
     c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2, double weight_decay,
-    int64_t step) {
+    int64_t step, std::optional<Tensor> last_step) {
   const char* op = "masked_embedding_backward_update";
   const Problem pr = check_common(weight, indices, threshold, dims, p, oov_weight, op);
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous (it is updated in place)");
@@ -761,6 +761,8 @@ std::tuple<Tensor, Tensor> masked_embedding_backward_update_cpu(
   // the optimizer name, state shapes / dtypes and hyper-parameters follow sparse_row_update's rules
   sparse_row_update_check(weight, indices.reshape({-1}), g.view({-1, pr.D}), state1, state2, optimizer, lr, eps,
                           beta1, beta2, weight_decay, step);
+  check_last_step(last_step, weight, step, op);
+  int64_t* last = (last_step.has_value() && last_step->defined()) ? last_step->mutable_data_ptr<int64_t>() : nullptr;
   const RowOptimizer opt = parse_optimizer(optimizer);
   const int64_t L = pr.B * pr.F;
   TORCH_CHECK(L < std::numeric_limits<int32_t>::max(), op, ": B * F = ", L, " lookups exceed the int32 range");
@@ -798,7 +800,7 @@ std::tuple<Tensor, Tensor> masked_embedding_backward_update_cpu(
         OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
           OPTEMBED_ROW_OPTIMIZER_SWITCH(opt, kOpt, [&] {
             backward_update_kernel<scalar_t, index_t, kP, kThr, kOpt>(pr, ptr, weight.mutable_data_ptr<scalar_t>(),
-                                                                      s1, s2, hp, sh_ptr);
+                                                                      s1, s2, hp, sh_ptr, last);
           });
         });
       });
@@ -822,13 +824,13 @@ TORCH_LIBRARY_FRAGMENT(optembed, m) {
       "masked_embedding_backward(Tensor grad_out, Tensor weight, Tensor indices, Tensor norm, Tensor? threshold, "
       "Tensor? dims, int p, Tensor? oov_weight, bool deterministic, bool sparse) "
       "-> (Tensor grad_weight, Tensor grad_threshold, Tensor grad_oov)");
-  // The backward with the optimizer step fused in: updates weight (and state1 / state2) in place with
-  // sparse_row_update's rules instead of returning its gradient.
+  // The backward with the optimizer step fused in: updates weight (and state1 / state2, and last_step for lazy
+  // weight decay) in place with sparse_row_update's rules instead of returning its gradient.
   m.def(
       "masked_embedding_backward_update(Tensor grad_out, Tensor(a!) weight, Tensor indices, Tensor norm, "
       "Tensor? threshold, Tensor? dims, int p, Tensor? oov_weight, Tensor(b!)? state1, Tensor(c!)? state2, "
-      "str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, int step) "
-      "-> (Tensor grad_threshold, Tensor grad_oov)");
+      "str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, int step, "
+      "Tensor(d!)? last_step=None) -> (Tensor grad_threshold, Tensor grad_oov)");
 }
 
 TORCH_LIBRARY_IMPL(optembed, CPU, m) {

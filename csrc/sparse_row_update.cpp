@@ -3,7 +3,7 @@
 // Schema (TORCH_LIBRARY_FRAGMENT below):
 //   sparse_row_update(Tensor(a!) weight, Tensor indices, Tensor grad_rows, Tensor(b!)? state1, Tensor(c!)? state2,
 //                     str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, int step,
-//                     bool check_indices=True) -> ()
+//                     bool check_indices=True, Tensor(d!)? last_step=None) -> ()
 //
 // Arguments
 //   weight     (N, D) float32 / float64 / float16 / bfloat16, contiguous; updated in place
@@ -20,7 +20,11 @@
 //                       "adam":    state1 (N, D) first moment m, state2 (N, D) second moment v
 //   optimizer  "sgd" | "adagrad" (row-wise, as FBGEMM's EXACT_ROWWISE_ADAGRAD) | "adam" (lazy Adam)
 //   lr, eps, beta1, beta2, weight_decay: hyper-parameters (eps > 0 for adagrad/adam; 0 <= beta < 1 for adam)
-//   step       global optimizer step t >= 1 used by Adam's bias correction (ignored by sgd/adagrad)
+//   step       global optimizer step t >= 1 used by Adam's bias correction (and by lazy weight decay)
+//   last_step  None, or (N,) int64 contiguous, updated in place: lazy weight decay. A touched row r with
+//              last_step[r] < t - 1 is first caught up on the t - 1 - last_step[r] steps it skipped (the decay
+//              gradient weight_decay * w alone, see csrc/row_update.h catch_up_row: exact for sgd, approximate for
+//              adagrad / adam), then updated as below; last_step[r] = t for every touched row.
 //
 // Semantics. Let U = the set of distinct values in indices. For every row r in U (rows not in U are not read or
 // written, their state neither), in acc_t arithmetic:
@@ -122,7 +126,7 @@ template <typename scalar_t, RowOptimizer kOpt>
 void apply_updates(scalar_t* w, const scalar_t* grad, at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2,
                    const std::vector<int64_t>& keys, const std::vector<int64_t>& order,
                    const std::vector<int64_t>& seg_start, int64_t D, double lr_d, double eps_d, double beta1_d,
-                   double beta2_d, double wd_d, int64_t step) {
+                   double beta2_d, double wd_d, int64_t step, int64_t* last) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowUpdateParams<acc_t> hp(kOpt, lr_d, eps_d, beta1_d, beta2_d, wd_d, step);
   const int64_t U = static_cast<int64_t>(seg_start.size()) - 1;
@@ -166,7 +170,7 @@ void apply_updates(scalar_t* w, const scalar_t* grad, at::opmath_type<scalar_t>*
           for (int64_t j = 0; j < D; ++j) g[j] += static_cast<acc_t>(gk[j]);
         }
       }
-      apply_row_update<kOpt>(wr, g, r, D, s1, s2, t, hp);
+      apply_row_update<kOpt>(wr, g, r, D, s1, s2, t, hp, last);
     }
   });
 }
@@ -235,10 +239,13 @@ void sparse_row_update_check(const at::Tensor& weight, const at::Tensor& indices
 void sparse_row_update_cpu(at::Tensor weight, const at::Tensor& indices, const at::Tensor& grad_rows,
                            c10::optional<at::Tensor> state1, c10::optional<at::Tensor> state2,
                            c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2,
-                           double weight_decay, int64_t step, bool check_indices) {
+                           double weight_decay, int64_t step, bool check_indices,
+                           c10::optional<at::Tensor> last_step) {
   const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
   sparse_row_update_check(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2, weight_decay,
                           step);
+  check_last_step(last_step, weight, step, "sparse_row_update");
+  int64_t* last = (last_step.has_value() && last_step->defined()) ? last_step->mutable_data_ptr<int64_t>() : nullptr;
   const RowOptimizer opt = parse_optimizer(optimizer);
   const int64_t N = weight.size(0), D = weight.size(1), M = indices.size(0);
   if (M == 0) return;
@@ -268,15 +275,15 @@ void sparse_row_update_cpu(at::Tensor weight, const at::Tensor& indices, const a
     switch (opt) {
       case RowOptimizer::kSGD:
         apply_updates<scalar_t, RowOptimizer::kSGD>(w, g, s1, s2, keys, order, seg_start, D, lr, eps, beta1, beta2,
-                                                    weight_decay, step);
+                                                    weight_decay, step, last);
         break;
       case RowOptimizer::kAdagrad:
         apply_updates<scalar_t, RowOptimizer::kAdagrad>(w, g, s1, s2, keys, order, seg_start, D, lr, eps, beta1,
-                                                        beta2, weight_decay, step);
+                                                        beta2, weight_decay, step, last);
         break;
       case RowOptimizer::kAdam:
         apply_updates<scalar_t, RowOptimizer::kAdam>(w, g, s1, s2, keys, order, seg_start, D, lr, eps, beta1, beta2,
-                                                     weight_decay, step);
+                                                     weight_decay, step, last);
         break;
     }
   });
@@ -289,7 +296,7 @@ TORCH_LIBRARY_FRAGMENT(optembed, m) {
   m.def(
       "sparse_row_update(Tensor(a!) weight, Tensor indices, Tensor grad_rows, Tensor(b!)? state1, "
       "Tensor(c!)? state2, str optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, "
-      "int step, bool check_indices=True) -> ()");
+      "int step, bool check_indices=True, Tensor(d!)? last_step=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(optembed, CPU, m) {

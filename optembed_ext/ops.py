@@ -46,7 +46,8 @@ from torch import Tensor
 from . import _ext
 from . import reference as _ref
 
-__all__ = ["masked_embedding", "row_mask", "compact_embedding", "sparse_row_update", "use_reference",
+__all__ = ["masked_embedding", "row_mask", "compact_embedding", "sparse_row_update", "lazy_decay_catch_up",
+           "use_reference",
            "has_kernel", "COMPILED_OPS", "RowUpdate", "fuse_update", "fused_update_of"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -322,6 +323,9 @@ class RowUpdate:
         optimizer: ``"sgd"``, ``"adagrad"`` (row-wise) or ``"adam"`` (lazy).
         lr, eps, betas, weight_decay: as :func:`sparse_row_update`. ``initial_accumulator_value``: Adagrad's
             starting sum.
+        lazy_weight_decay: keep ``last_step`` (``(N,)`` int64, the step of each row's last update) and catch a
+            touched row up on the decay steps it skipped before updating it (see :func:`sparse_row_update`);
+            :meth:`catch_up` brings every row up to date (e.g. before evaluating or exporting the table).
 
     Attributes ``lr``, ``eps``, ``beta1``, ``beta2``, ``weight_decay`` may be changed between steps (schedulers);
     ``state1`` / ``state2`` are the optimizer state (Adagrad: ``(N,)`` sum; Adam: ``(N, D)`` moments).
@@ -332,8 +336,9 @@ class RowUpdate:
 
     def __init__(self, weight: Tensor, optimizer: str = "sgd", lr: float = 1e-2, eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0):
+                 initial_accumulator_value: float = 0.0, lazy_weight_decay: bool = False):
         _check_float(weight, "weight")
+        _check_bool(lazy_weight_decay, "lazy_weight_decay")
         if weight.dim() != 2 or not weight.is_contiguous():
             raise ValueError(f"weight must be a contiguous 2-D (N, D) table, got shape {tuple(weight.shape)}")
         if optimizer not in _OPTIMIZERS:
@@ -351,6 +356,17 @@ class RowUpdate:
         elif optimizer == "adam":
             self.state1 = torch.zeros((N, D), dtype=acc, device=weight.device)
             self.state2 = torch.zeros((N, D), dtype=acc, device=weight.device)
+        self.last_step: Optional[Tensor] = (torch.zeros((N,), dtype=torch.long, device=weight.device)
+                                            if lazy_weight_decay else None)
+        self.weight = weight
+
+    def catch_up(self) -> None:
+        """Lazy weight decay: apply the decay steps every row skipped up to the current ``step`` (no-op without
+        ``lazy_weight_decay``)."""
+        if self.last_step is not None:
+            lazy_decay_catch_up(self.weight, self.last_step, self.state1, self.state2, optimizer=self.optimizer,
+                                lr=self.lr, eps=self.eps, beta1=self.beta1, beta2=self.beta2,
+                                weight_decay=self.weight_decay, step=self.step)
 
     def __repr__(self) -> str:
         return f"RowUpdate(optimizer={self.optimizer!r}, lr={self.lr}, step={self.step})"
@@ -405,7 +421,7 @@ class _MaskedEmbeddingUpdate(torch.autograd.Function):
         u = ctx.update
         u.step += 1
         hyper = dict(optimizer=u.optimizer, lr=u.lr, eps=u.eps, beta1=u.beta1, beta2=u.beta2,
-                     weight_decay=u.weight_decay, step=u.step)
+                     weight_decay=u.weight_decay, step=u.step, last_step=u.last_step)
         with torch.no_grad():
             if ctx.reference:
                 gt, goov = _ref.masked_embedding_backward_update(grad_out, weight, indices, threshold, dims, ctx.p,
@@ -420,7 +436,7 @@ class _MaskedEmbeddingUpdate(torch.autograd.Function):
                 gt, goov = torch.ops.optembed.masked_embedding_backward_update(
                     grad_out.contiguous(), weight, indices, norm, threshold, dims, ctx.p, oov_weight, u.state1,
                     u.state2, hyper["optimizer"], hyper["lr"], hyper["eps"], hyper["beta1"], hyper["beta2"],
-                    hyper["weight_decay"], hyper["step"])
+                    hyper["weight_decay"], hyper["step"], u.last_step)
         return (None, gt if threshold is not None else None, goov if oov_weight is not None else None,
                 None, None, None, None, None)
 
@@ -595,7 +611,7 @@ _OPTIMIZERS = ("sgd", "adagrad", "adam")
 def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1: Optional[Tensor] = None,
                       state2: Optional[Tensor] = None, *, optimizer: str = "sgd", lr: float, eps: float = 1e-8,
                       beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0, step: int = 1,
-                      check_indices: bool = True) -> None:
+                      check_indices: bool = True, last_step: Optional[Tensor] = None) -> None:
     """Fused sparse optimizer step on the rows of ``weight`` listed in ``indices`` (in place, no autograd).
 
     Args:
@@ -607,9 +623,15 @@ def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1
         optimizer: ``"sgd"``, ``"adagrad"`` (row-wise) or ``"adam"`` (lazy). step: Adam step ``t >= 1``.
         check_indices: raise ``IndexError`` naming the first entry of ``indices`` outside ``[0, N)`` before anything
             is written. With False such entries are skipped (no write outside the table).
+        last_step: lazy weight decay (``None``: off): ``(N,)`` int64, the step of each row's last update, updated
+            in place. A touched row with ``last_step[r] < step - 1`` is first caught up on the steps it skipped --
+            those in which a dense optimizer would have applied the decay gradient ``weight_decay * w`` alone
+            (:func:`optembed_ext.reference.lazy_decay_catch_up`: exact for SGD, an approximation for Adagrad and
+            Adam) -- then updated, and ``last_step[r] = step``. Start it at zeros (step 0 = the initial table).
 
     Rows are summed per distinct id (ascending position), ``weight_decay * w`` is added, and the optimizer update is
-    applied once per touched row; untouched rows and their state are neither read nor written.
+    applied once per touched row; untouched rows and their state are neither read nor written (with ``last_step``
+    their decay is deferred to their next update, or to :func:`lazy_decay_catch_up`).
     """
     _check_float(weight, "weight")
     if weight.dim() != 2:
@@ -665,26 +687,74 @@ def sparse_row_update(weight: Tensor, indices: Tensor, grad_rows: Tensor, state1
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
     _check_bool(check_indices, "check_indices")
+    _check_last_step(last_step, weight)
     if _reference_path("sparse_row_update", weight.device):
         _ref.sparse_row_update(weight, indices, grad_rows, state1, state2, optimizer=optimizer, lr=float(lr),
                                eps=float(eps), beta1=float(beta1), beta2=float(beta2),
-                               weight_decay=float(weight_decay), step=step, check_indices=check_indices)
+                               weight_decay=float(weight_decay), step=step, check_indices=check_indices,
+                               last_step=last_step)
         return
     with torch.no_grad():
         torch.ops.optembed.sparse_row_update(weight, indices, grad_rows, state1, state2, optimizer, float(lr),
                                              float(eps), float(beta1), float(beta2), float(weight_decay), step,
-                                             check_indices)
+                                             check_indices, last_step)
+
+
+def _check_last_step(last_step: Optional[Tensor], weight: Tensor) -> None:
+    if last_step is None:
+        return
+    _check_tensor(last_step, "last_step")
+    if last_step.dtype != torch.long:
+        raise TypeError(f"last_step must be int64, got {last_step.dtype}")
+    if tuple(last_step.shape) != (weight.shape[0],):
+        raise ValueError(f"last_step must have shape (N,) = ({weight.shape[0]},), got {tuple(last_step.shape)}")
+    if not last_step.is_contiguous():
+        raise ValueError("last_step must be contiguous (it is updated in place)")
+    _check_device(last_step, weight, "last_step", "weight")
+
+
+def lazy_decay_catch_up(weight: Tensor, last_step: Tensor, state1: Optional[Tensor] = None,
+                        state2: Optional[Tensor] = None, *, optimizer: str, lr: float, eps: float = 1e-8,
+                        beta1: float = 0.9, beta2: float = 0.999, weight_decay: float, step: int,
+                        rows: Optional[Tensor] = None) -> None:
+    """Lazy weight decay: bring ``rows`` (default: every row) of a table updated by :func:`sparse_row_update`
+    with ``last_step`` up to date at ``step``, applying the decay steps each skipped since its last update (in
+    place; ``last_step[r] = step`` afterwards). The rules are those of
+    :func:`optembed_ext.reference.lazy_decay_catch_up`. Costs ``O(rows * D)``: call it before evaluating,
+    pruning or exporting the table, not every step."""
+    _check_float(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D (N, D) tensor, got shape {tuple(weight.shape)}")
+    if last_step is None:
+        raise ValueError("last_step is required")
+    _check_last_step(last_step, weight)
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be 'sgd', 'adagrad' or 'adam', got {optimizer!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if rows is None:
+        rows = torch.arange(weight.shape[0], device=weight.device)
+    else:
+        _check_index(rows, "rows")
+        rows = torch.unique(rows.long().reshape(-1))
+        if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]):
+            raise IndexError(f"rows must lie in [0, {weight.shape[0]})")
+    with torch.no_grad():
+        _ref.lazy_decay_catch_up(weight, rows, last_step, state1, state2, optimizer=optimizer, lr=float(lr),
+                                 eps=float(eps), beta1=float(beta1), beta2=float(beta2),
+                                 weight_decay=float(weight_decay), upto=step)
 
 
 def _masked_embedding_backward_update_fake(grad_out, weight, indices, norm, threshold, dims, p, oov_weight, state1,
-                                           state2, optimizer, lr, eps, beta1, beta2, weight_decay, step):
+                                           state2, optimizer, lr, eps, beta1, beta2, weight_decay, step,
+                                           last_step=None):
     grad_t = threshold.new_empty((indices.shape[1],)) if threshold is not None else weight.new_empty((0,))
     grad_oov = weight.new_empty(oov_weight.shape) if oov_weight is not None else weight.new_empty((0,))
     return grad_t, grad_oov
 
 
 def _sparse_row_update_fake(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2,
-                            weight_decay, step, check_indices=True):
+                            weight_decay, step, check_indices=True, last_step=None):
     return None
 
 

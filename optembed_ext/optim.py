@@ -18,6 +18,14 @@ their state included):
 - ``"adam"`` (:class:`LazyAdam`): ``torch.optim.Adam``'s formula (bias correction with the optimizer's global step
   count ``t``) applied to the touched rows only: ``m[r], v[r]`` are updated only when row ``r`` is in the batch.
 
+Weight decay. By default ``weight_decay`` acts on the touched rows only, where a dense optimizer decays every row at
+every step (dense Adam moves a row it never sees by up to ``lr`` per step, which is how rarely seen rows shrink and
+fall below a pruning threshold). ``lazy_weight_decay=True`` keeps the step of each row's last update (``last_step``,
+one int64 per row) and, when a row is next touched, first catches it up on the steps it skipped
+(:func:`optembed_ext.ops.sparse_row_update`): exactly for SGD (``w *= (1 - lr * wd) ** k``), approximately for
+row-wise Adagrad and Adam (:func:`optembed_ext.reference.lazy_decay_catch_up` states the approximation).
+:meth:`FusedSparseOptimizer.catch_up` brings every row up to date, e.g. before evaluating, pruning or exporting.
+
 Parameters must be contiguous 2-D tables; a 1-D parameter (e.g. the packed storage of
 :class:`~optembed_ext.nn.CompactEmbedding`) is treated as a table of one column, so its rules act per entry. A
 parameter that receives a *dense* gradient (a module without sparse gradients) is still handled: the rows with a
@@ -83,19 +91,25 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         betas: Adam's ``(beta1, beta2)``, each in ``[0, 1)``.
         weight_decay: L2 penalty added to the gradient of the touched rows (>= 0).
         initial_accumulator_value: starting value of the row-wise Adagrad accumulator (>= 0).
+        lazy_weight_decay: defer the decay of rows a step does not touch to their next update (or
+            :meth:`catch_up`), as described in the module docstring; off by default.
 
     ``step()`` reads ``p.grad`` of every parameter: a sparse COO gradient (coalesced or not; its value rows are
     passed to the kernel as they are, duplicates summed there) or a dense one (rows with a non-zero gradient are
     updated). State per parameter: ``step`` (int) and, for adagrad, ``sum`` ``(N,)``; for adam ``exp_avg`` and
-    ``exp_avg_sq`` ``(N, D)``; both in float32 (float64 for float64 tables).
+    ``exp_avg_sq`` ``(N, D)``; both in float32 (float64 for float64 tables); with ``lazy_weight_decay``
+    ``last_step`` ``(N,)`` int64.
     """
 
     def __init__(self, params: Iterable, kind: str = "adam", lr: float = 1e-3, eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0):
+                 initial_accumulator_value: float = 0.0, lazy_weight_decay: bool = False):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(lazy_weight_decay, bool):
+            raise TypeError(f"lazy_weight_decay must be a bool, got {type(lazy_weight_decay).__name__}")
         self.kind = kind
+        self.lazy_weight_decay = lazy_weight_decay
         self.initial_accumulator_value = _check_number("initial_accumulator_value", initial_accumulator_value, low=0)
         self._warned_dense = False
         defaults = {"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}
@@ -146,6 +160,8 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         elif self.kind == "adam":
             state["exp_avg"] = torch.zeros(p.shape, dtype=acc, device=p.device)
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=acc, device=p.device)
+        if self.lazy_weight_decay:
+            state["last_step"] = torch.zeros((p.shape[0],), dtype=torch.long, device=p.device)
         return state
 
     def _state_tensors(self, table: torch.Tensor, state: dict):
@@ -170,6 +186,11 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
             for key in ("sum", "exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(device=p.device, dtype=acc).contiguous()
+            if "last_step" in state:
+                state["last_step"] = state["last_step"].to(device=p.device, dtype=torch.long).contiguous()
+            elif self.lazy_weight_decay and "step" in state:  # saved without lazy decay: every row is up to date
+                state["last_step"] = torch.full((p.shape[0],), int(state["step"]), dtype=torch.long,
+                                                device=p.device)
             if "step" in state:
                 state["step"] = int(state["step"])
 
@@ -228,8 +249,32 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
                 state1, state2 = self._state_tensors(table, state)
                 ops.sparse_row_update(table, indices, rows, state1, state2, optimizer=self.kind, lr=float(group["lr"]),
                                       eps=float(group["eps"]), beta1=float(beta1), beta2=float(beta2),
-                                      weight_decay=float(group["weight_decay"]), step=int(state["step"]))
+                                      weight_decay=float(group["weight_decay"]), step=int(state["step"]),
+                                      last_step=state.get("last_step"))
         return loss
+
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        """Lazy weight decay: apply to every row the decay steps it skipped since its last update, so that the
+        tables are what they would be had every row been decayed at every step (exact for SGD). A no-op without
+        ``lazy_weight_decay``. Costs ``O(N * D)``: call it before evaluating, pruning, exporting or saving the
+        tables, not every step."""
+        from . import ops
+
+        if not self.lazy_weight_decay:
+            return
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "last_step" not in state:
+                    continue
+                table = p.view(p.shape[0], -1)
+                state1, state2 = self._state_tensors(table, state)
+                ops.lazy_decay_catch_up(table, state["last_step"], state1, state2, optimizer=self.kind,
+                                        lr=float(group["lr"]), eps=float(group["eps"]), beta1=float(beta1),
+                                        beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                                        step=int(state["step"]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, groups={len(self.param_groups)})"
@@ -238,25 +283,27 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
 class SparseSGD(FusedSparseOptimizer):
     """Row-sparse SGD (no momentum): ``w[r] -= lr * (g + weight_decay * w[r])`` for every touched row."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-2, weight_decay: float = 0.0):
-        super().__init__(params, kind="sgd", lr=lr, weight_decay=weight_decay)
+    def __init__(self, params: Iterable, lr: float = 1e-2, weight_decay: float = 0.0,
+                 lazy_weight_decay: bool = False):
+        super().__init__(params, kind="sgd", lr=lr, weight_decay=weight_decay, lazy_weight_decay=lazy_weight_decay)
 
 
 class RowWiseAdagrad(FusedSparseOptimizer):
     """Row-wise Adagrad (one accumulator per row, FBGEMM's ``EXACT_ROWWISE_ADAGRAD``) on the touched rows."""
 
     def __init__(self, params: Iterable, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0):
+                 initial_accumulator_value: float = 0.0, lazy_weight_decay: bool = False):
         super().__init__(params, kind="adagrad", lr=lr, eps=eps, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value)
+                         initial_accumulator_value=initial_accumulator_value, lazy_weight_decay=lazy_weight_decay)
 
 
 class LazyAdam(FusedSparseOptimizer):
     """Adam (torch.optim.Adam's formula, L2 weight decay) applied to the touched rows only; others keep their state."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, kind="adam", lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
+                 eps: float = 1e-8, weight_decay: float = 0.0, lazy_weight_decay: bool = False):
+        super().__init__(params, kind="adam", lr=lr, eps=eps, betas=betas, weight_decay=weight_decay,
+                         lazy_weight_decay=lazy_weight_decay)
 
 
 _CLASSES = {"sgd": SparseSGD, "adagrad": RowWiseAdagrad, "adam": LazyAdam}
@@ -283,9 +330,9 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
 
     def __init__(self, params: Iterable, kind: str = "sgd", lr: float = 1e-2, eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0):
+                 initial_accumulator_value: float = 0.0, lazy_weight_decay: bool = False):
         super().__init__(params, kind=kind, lr=lr, eps=eps, betas=betas, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value)
+                         initial_accumulator_value=initial_accumulator_value, lazy_weight_decay=lazy_weight_decay)
         from . import ops
 
         self._fused: list[tuple[torch.Tensor, dict, ops.RowUpdate]] = []
@@ -296,13 +343,16 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
                 beta1, beta2 = group["betas"]
                 upd = ops.RowUpdate(p.detach(), kind, lr=group["lr"], eps=group["eps"], betas=(beta1, beta2),
                                     weight_decay=group["weight_decay"],
-                                    initial_accumulator_value=self.initial_accumulator_value)
+                                    initial_accumulator_value=self.initial_accumulator_value,
+                                    lazy_weight_decay=lazy_weight_decay)
                 state = self.state[p]
                 state["step"] = 0
                 if kind == "adagrad":
                     state["sum"] = upd.state1
                 elif kind == "adam":
                     state["exp_avg"], state["exp_avg_sq"] = upd.state1, upd.state2
+                if lazy_weight_decay:
+                    state["last_step"] = upd.last_step
                 ops.fuse_update(p, upd)
                 self._fused.append((p, group, upd))
 
@@ -313,6 +363,7 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
                 upd.step = int(state["step"])
                 upd.state1 = state.get("sum", state.get("exp_avg"))
                 upd.state2 = state.get("exp_avg_sq")
+                upd.last_step = state.get("last_step")
                 upd.lr, upd.eps, upd.weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
                 upd.beta1, upd.beta2 = (float(b) for b in group["betas"])
             else:
@@ -340,6 +391,13 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
         self._sync(to_updates=False)
         return super().state_dict()
 
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        self._sync(to_updates=False)
+        super().catch_up()
+
+    catch_up.__doc__ = FusedSparseOptimizer.catch_up.__doc__
+
     def detach(self) -> None:
         """Stop applying this optimizer in the backward of the tables' lookups (they get gradients again)."""
         from . import ops
@@ -350,20 +408,23 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
         self._fused = []
 
 
-def fused_backward_factory(kind: str) -> Callable:
+def fused_backward_factory(kind: str, lazy_weight_decay: bool | None = None) -> Callable:
     """Trainer optimizer factory ``(dense_groups, sparse_groups, config) -> [optimizers]`` of the fused-backward
     ``kind``: the embedding tables (sparse groups) with :class:`FusedBackwardOptimizer`, every other parameter with
-    dense Adam (``config.lr``, ``config.weight_decay``)."""
+    dense Adam (``config.lr``, ``config.weight_decay``). ``lazy_weight_decay``: None takes
+    ``config.lazy_weight_decay`` when the config has it (else off)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
     def make(dense: list, sparse: list, config) -> list:
+        lazy = bool(getattr(config, "lazy_weight_decay", False)) if lazy_weight_decay is None else lazy_weight_decay
         opts: list[torch.optim.Optimizer] = []
         if dense:
             opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
         if sparse:
             opts.append(FusedBackwardOptimizer([{"params": g["params"], "lr": g["lr"],
-                                                 "weight_decay": g["weight_decay"]} for g in sparse], kind=kind))
+                                                 "weight_decay": g["weight_decay"]} for g in sparse], kind=kind,
+                                               lazy_weight_decay=lazy))
         return opts
 
     return make

@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_embedding", "masked_embedding_backward_update", "row_mask", "compact_embedding", "sparse_row_update", "step_ste_grad", "acc_dtype"]
+__all__ = ["masked_embedding", "masked_embedding_backward_update", "row_mask", "compact_embedding", "sparse_row_update",
+           "lazy_decay_catch_up", "step_ste_grad", "acc_dtype"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -138,7 +139,8 @@ def masked_embedding_backward_update(grad_out: torch.Tensor, weight: torch.Tenso
                                      oov_weight: torch.Tensor | None, state1: torch.Tensor | None,
                                      state2: torch.Tensor | None, *, optimizer: str, lr: float, eps: float = 1e-8,
                                      beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0,
-                                     step: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                                     step: int = 1, last_step: torch.Tensor | None = None
+                                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Reference of the masked lookup's backward with the optimizer step fused in: the per-lookup gradient rows of
     :func:`masked_embedding` (``sparse=True``) handed to :func:`sparse_row_update` (``weight`` and the states are
     updated in place). Returns ``(grad_threshold, grad_oov)`` (None where the argument is None). Ids outside
@@ -159,8 +161,86 @@ def masked_embedding_backward_update(grad_out: torch.Tensor, weight: torch.Tenso
     if oov_weight is not None and goov is None:
         goov = torch.zeros_like(oov_weight)
     sparse_row_update(weight, gw._indices()[0], gw._values(), state1, state2, optimizer=optimizer, lr=lr, eps=eps,
-                      beta1=beta1, beta2=beta2, weight_decay=weight_decay, step=step)
+                      beta1=beta1, beta2=beta2, weight_decay=weight_decay, step=step, last_step=last_step)
     return gt, goov
+
+
+def _adagrad_decay_sum(a0: torch.Tensor, q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
+    """sum over the k skipped steps s of 1 / (sqrt(a0 + s q) + eps), as the integral over s in [1/2, k + 1/2]
+    (float64; written without cancellation: u1 - u0 = k q / (u1 + u0))."""
+    u0 = torch.sqrt(a0 + 0.5 * q)
+    u1 = torch.sqrt(a0 + (k + 0.5) * q)
+    lin = 2 * k / (u1 + u0)
+    safe_q = torch.where(q > 0, q, torch.ones_like(q))
+    log_term = (2 * eps / safe_q) * torch.log1p(k * q / ((u1 + u0) * (u0 + eps)))
+    integral = lin - log_term
+    return torch.where(q > 0, integral, k / (torch.sqrt(a0) + eps))
+
+
+def lazy_decay_catch_up(weight: torch.Tensor, rows: torch.Tensor, last_step: torch.Tensor,
+                        state1: torch.Tensor | None = None, state2: torch.Tensor | None = None, *, optimizer: str,
+                        lr: float, eps: float = 1e-8, beta1: float = 0.9, beta2: float = 0.999,
+                        weight_decay: float = 0.0, upto: int) -> None:
+    """Lazy weight decay: catches the distinct ``rows`` up to step ``upto`` (in place), i.e. applies the
+    ``k = upto - last_step[r]`` steps (where ``k > 0``) in which a dense optimizer would have updated row ``r``
+    with the decay gradient ``g = weight_decay * w[r]`` alone; then ``last_step[r] = max(last_step[r], upto)``.
+    In the accumulation dtype, with ``lr`` etc. the current hyper-parameters:
+
+    - sgd: ``w *= (1 - lr * wd) ** k`` -- exactly the k skipped SGD steps.
+    - adagrad (row-wise): with ``w`` held at its start value, the accumulator grows by ``q = wd**2 * mean(w**2)``
+      per skipped step: ``a_s = a + s q``, ``a += k q``; the weight shrinks by ``w *= exp(-lr * wd * S)`` with
+      ``S`` = sum over the steps of ``1 / (sqrt(a_s) + eps)``, taken as the integral over ``s`` in ``[1/2, k + 1/2]``
+      (closed form) -- a product of factors ``1 - lr * wd / (sqrt(a_s) + eps)`` written as one exponential.
+    - adam: ``g = wd * w`` held at the window's start (the decay gradient of a row that shrinks little over the
+      window); the moments take their exact values for k steps of that constant ``g``:
+      ``m = beta1**k m + (1 - beta1**k) g``, ``v = beta2**k v + (1 - beta2**k) g**2``; the weight moves by k steps
+      of the size of the window's last one, ``w -= k * lr / (1 - beta1**(upto)) * m / (sqrt(v) /
+      sqrt(1 - beta2**(upto)) + eps)``, an entry stopping at 0 instead of crossing it.
+
+    The SGD rule is exact. For Adam the result differs from k dense steps because (a) ``m`` and ``v`` of the
+    skipped steps are not replayed one by one (the first steps of the window, still dominated by the last real
+    gradient's moments, are sized like the last step) and (b) a dense run oscillates around 0 with amplitude
+    about ``lr`` once an entry reaches it, where the catch-up stops at 0. Both move an entry toward 0 by at most
+    ``k`` Adam steps; tests/test_fused_update.py measures the gap against k dense steps.
+    """
+    if weight_decay == 0 or rows.numel() == 0 or upto < 1:
+        if rows.numel():
+            last_step[rows] = torch.clamp(last_step[rows], min=upto)
+        return
+    acc = acc_dtype(weight.dtype)
+    k = (upto - last_step[rows]).clamp(min=0)
+    todo = k > 0
+    rows, k = rows[todo], k[todo]
+    if rows.numel() == 0:
+        return
+    kf = k.to(torch.float64)
+    w = weight[rows].to(acc)
+    D = weight.shape[1]
+    if optimizer == "sgd":
+        f = torch.pow(torch.full_like(kf, 1.0 - lr * weight_decay), kf).to(acc)
+        w = w * f.unsqueeze(1)
+    elif optimizer == "adagrad":
+        ms = (w * w).sum(dim=1) / D if D else torch.zeros_like(kf, dtype=acc)
+        a0 = state1[rows].to(torch.float64)
+        q = weight_decay * weight_decay * ms.to(torch.float64)
+        state1[rows] = (a0 + kf * q).to(acc)
+        f = torch.exp(-lr * weight_decay * _adagrad_decay_sum(a0, q, kf, eps)).to(acc)
+        w = w * f.unsqueeze(1)
+    else:
+        b1k = torch.pow(torch.full_like(kf, beta1), kf).to(acc).unsqueeze(1)
+        b2k = torch.pow(torch.full_like(kf, beta2), kf).to(acc).unsqueeze(1)
+        g = weight_decay * w
+        m = b1k * state1[rows] + (1 - b1k) * g
+        v = b2k * state2[rows] + (1 - b2k) * g * g
+        state1[rows] = m
+        state2[rows] = v
+        step_size = lr / (1 - beta1 ** upto)
+        inv_sqrt_bc2 = 1.0 / math.sqrt(1 - beta2 ** upto)
+        w1 = w - (kf.to(acc) * step_size).unsqueeze(1) * m / (v.sqrt() * inv_sqrt_bc2 + eps)
+        crossed = ((w > 0) & (w1 < 0)) | ((w < 0) & (w1 > 0))
+        w = torch.where(crossed, torch.zeros((), dtype=acc, device=w.device), w1)
+    weight[rows] = w.to(weight.dtype)
+    last_step[rows] = upto
 
 
 # ==================================================================================================== row_mask
@@ -335,11 +415,14 @@ class _SparseGather(torch.autograd.Function):
 def sparse_row_update(weight: torch.Tensor, indices: torch.Tensor, grad_rows: torch.Tensor,
                       state1: torch.Tensor | None = None, state2: torch.Tensor | None = None, *,
                       optimizer: str = "sgd", lr: float, eps: float = 1e-8, beta1: float = 0.9, beta2: float = 0.999,
-                      weight_decay: float = 0.0, step: int = 1, check_indices: bool = True) -> None:
+                      weight_decay: float = 0.0, step: int = 1, check_indices: bool = True,
+                      last_step: torch.Tensor | None = None) -> None:
     """Reference of :func:`optembed_ext.ops.sparse_row_update` (updates ``weight`` and the states in place).
 
     For each distinct row ``r`` of ``indices``: ``g = sum of grad_rows[i] over indices[i] == r``
-    (``+ weight_decay * w[r]``), then an SGD / row-wise Adagrad / lazy Adam step on that row only.
+    (``+ weight_decay * w[r]``), then an SGD / row-wise Adagrad / lazy Adam step on that row only. With
+    ``last_step`` (lazy weight decay) each such row is first caught up to step ``step - 1``
+    (:func:`lazy_decay_catch_up`) and stamped ``last_step[r] = step``.
     ``check_indices=True`` raises IndexError on the first id outside ``[0, N)`` before anything is written;
     with ``check_indices=False`` such ids are skipped (they update nothing).
     """
@@ -363,6 +446,10 @@ def sparse_row_update(weight: torch.Tensor, indices: torch.Tensor, grad_rows: to
     uniq, inv = torch.unique(idx, return_inverse=True)
     g = torch.zeros(uniq.numel(), D, dtype=acc, device=weight.device)
     g.index_add_(0, inv, grad_rows.to(acc))
+    if last_step is not None:
+        lazy_decay_catch_up(weight, uniq, last_step, state1, state2, optimizer=optimizer, lr=lr, eps=eps, beta1=beta1,
+                            beta2=beta2, weight_decay=weight_decay, upto=step - 1)
+        last_step[uniq] = step
     w = weight[uniq].to(acc)
     if weight_decay != 0:
         g = g + weight_decay * w

@@ -36,6 +36,14 @@ class MultiOptimizer:
         for opt in self.optimizers:
             opt.step()
 
+    def catch_up(self) -> None:
+        """Lazy weight decay: bring every table of a fused optimizer with ``lazy_weight_decay`` up to date (the
+        decay steps its rows skipped); a no-op for the other optimizers. Call before evaluating or exporting."""
+        for opt in self.optimizers:
+            fn = getattr(opt, "catch_up", None)
+            if callable(fn):
+                fn()
+
     def state_dict(self) -> dict:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
@@ -89,9 +97,15 @@ def _make_sgd(dense, sparse, config):
     return opts
 
 
-def _make_fused(kind: str) -> Callable[[list, list, TrainConfig], list]:
+def _lazy_decay(config: TrainConfig, lazy: bool) -> bool:
+    return lazy or bool(getattr(config, "lazy_weight_decay", False))
+
+
+def _make_fused(kind: str, lazy: bool = False) -> Callable[[list, list, TrainConfig], list]:
     """Factory of ``fused_<kind>``: the sparse tables with :class:`optembed_ext.optim.FusedSparseOptimizer` (only
-    the touched rows are updated, O(B*F*D) per step), every other parameter with dense Adam."""
+    the touched rows are updated, O(B*F*D) per step), every other parameter with dense Adam. ``lazy`` (the
+    ``*_lazywd`` names, or a config with ``lazy_weight_decay``): the tables' weight decay catches up on the steps
+    a row skipped (:mod:`optembed_ext.optim`)."""
 
     def make(dense, sparse, config):
         from ..optim import make_fused_optimizer
@@ -101,20 +115,22 @@ def _make_fused(kind: str) -> Callable[[list, list, TrainConfig], list]:
             opts.append(torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay))
         if sparse:
             opts.append(make_fused_optimizer(kind, [{"params": g["params"], "lr": g["lr"],
-                                                     "weight_decay": g["weight_decay"]} for g in sparse]))
+                                                     "weight_decay": g["weight_decay"]} for g in sparse],
+                                             lazy_weight_decay=_lazy_decay(config, lazy)))
         return opts
 
     return make
 
 
-def _make_fused_backward(kind: str) -> Callable[[list, list, TrainConfig], list]:
+def _make_fused_backward(kind: str, lazy: bool = False) -> Callable[[list, list, TrainConfig], list]:
     """Factory of ``fused_bwd_<kind>``: the sparse tables updated inside the lookup's backward
-    (:class:`optembed_ext.optim.FusedBackwardOptimizer`), every other parameter with dense Adam."""
+    (:class:`optembed_ext.optim.FusedBackwardOptimizer`), every other parameter with dense Adam; ``lazy`` as
+    :func:`_make_fused`."""
 
     def make(dense, sparse, config):
         from ..optim import fused_backward_factory
 
-        return fused_backward_factory(kind)(dense, sparse, config)
+        return fused_backward_factory(kind, _lazy_decay(config, lazy))(dense, sparse, config)
 
     return make
 
@@ -151,10 +167,14 @@ OPTIMIZERS: dict[str, Callable[[list, list, TrainConfig], list]] = {
     "fused_bwd_adagrad": _make_fused_backward("adagrad"),
     "fused_bwd_adam": _make_fused_backward("adam"),
 }
+# the same with lazy weight decay (rows a step does not touch are decayed on their next update; optembed_ext.optim)
+for _kind in ("sgd", "adagrad", "adam"):
+    OPTIMIZERS[f"fused_{_kind}_lazywd"] = _make_fused(_kind, lazy=True)
+    OPTIMIZERS[f"fused_bwd_{_kind}_lazywd"] = _make_fused_backward(_kind, lazy=True)
+del _kind
 
 #: optimizers for which the trainer switches on the embedding table's sparse gradient (when the module supports it)
-SPARSE_GRAD_OPTIMIZERS = frozenset({"fused_sgd", "fused_adagrad", "fused_adam", "fused_bwd_sgd", "fused_bwd_adagrad",
-                                    "fused_bwd_adam"})
+SPARSE_GRAD_OPTIMIZERS = frozenset(name for name in OPTIMIZERS if name.startswith("fused_"))
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, extra_param_groups=None) -> MultiOptimizer:
