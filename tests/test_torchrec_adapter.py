@@ -272,3 +272,27 @@ def test_dlrm_like_torchrec_model_with_optembed_on_ml100k(ml100k):
     print(f"\n[torchrec] steps {steps} best val AUC {hook.best_auc:.4f} row sparsity "
           f"{1 - hook.best_row_mask().float().mean():.3f} compact max diff {(compact - masked).abs().max():.2e} "
           f"({seconds:.1f}s)")
+
+
+def test_readme_torchrec_example():
+    """The README's TorchRec call, as written, on a DLRM-like model (KJT in, logits out)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python\n", text.index("TorchRec (`EmbeddingBagCollection`")) + len("```python\n")
+    block = text[start:text.index("```", start)]
+    torch.manual_seed(0)
+    model = DLRMLike(list(CARDS.values()), list(CARDS), D)
+    kjt = trec_adapter.local_ids_to_kjt(torch.tensor([[4, 6, 2], [0, 1, 0]]), list(CARDS))
+    with torch.no_grad():
+        before = model(kjt)
+    namespace = {"torch": torch, "F": F, "model": model, "kjt": kjt, "y": torch.tensor([1.0, 0.0]),
+                 "make_optimizer": oenn.make_optimizer, "regularization": oenn.regularization}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert isinstance(model.sparse, trec_adapter.TorchRecEmbeddingBagCollection)
+    assert isinstance(model.sparse.table, oenn.OptEmbedEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(model(kjt), before)  # TorchRec's weights copied: same logits at the start
+    namespace["loss"].backward()
+    namespace["opt"].step()
+    assert set(namespace["opt"].optimizers) == {"dense", "threshold"}
