@@ -394,3 +394,18 @@ def test_exported_compact_runs_from_saved_pt2(tmp_path):
     torch.testing.assert_close(loaded(other), emb(other))
     with pytest.raises(RuntimeError, match="local ids"):
         loaded(torch.tensor([[5, 0, 0, 0], [0, 0, 0, 0]]))
+
+
+@pytest.mark.parametrize("cls", [OptEmbedEmbedding, PEPEmbedding, UniformEmbedding, AutoDimEmbedding, QREmbedding])
+def test_torchscript_is_refused_with_a_message_pointing_to_torch_export(cls):
+    """torch.jit.script (deprecated by PyTorch) failed with "Unknown type annotation: 'bool'" from inside the
+    TorchScript compiler; the tables refuse it with a message naming the supported ways to deploy."""
+    import warnings
+
+    table = cls.from_cardinalities([3, 4], 8)
+    compact = OptEmbedEmbedding.from_cardinalities([3, 4], 8).to_compact()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's own deprecation warning
+        for obj in (table, nn.Sequential(table), compact):
+            with pytest.raises(TypeError, match=r"does not support TorchScript.*torch\.export"):
+                torch.jit.script(obj)

@@ -67,6 +67,13 @@ class EmbeddingModule(nn.Module):
         self.register_buffer("_id_end", offsets + cards, persistent=False)
         self.register_buffer("_id_card", cards, persistent=False)
 
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` (on this module or a model holding it) before compiling: TorchScript is
+        not supported, say so instead of an error from deep inside the TorchScript compiler."""
+        raise TypeError(f"{type(self).__name__} does not support TorchScript (torch.jit.script, deprecated by "
+                        "PyTorch): deploy with torch.export (torch.export.export(model.eval(), (ids,)), then "
+                        "torch.export.save to a .pt2; see optembed_ext.export) or run it with torch.compile")
+
     # ------------------------------------------------------------ construction
     @classmethod
     def from_cardinalities(cls, cardinalities: Sequence[int], embed_dim: int, *args, local_ids: bool = True,
