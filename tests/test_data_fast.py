@@ -12,13 +12,13 @@ import pytest
 
 from conftest import require_file
 from optembed_ext.data import MalformedRowError, load_vocab, preprocess
-from optembed_ext.data._fast import _hash_values, encode_table_fast
+from optembed_ext.data._fast import _hash_values, _key_values, _value_keys, encode_table_fast
 from optembed_ext.data.formats import PLANNERS
 from optembed_ext.data.generate import generate_raw
 
 pytest.importorskip("pyarrow")
 
-_VOLATILE = ("chunks", "chunk_rows", "engine", "python_blocks", "block_bytes", "seconds")
+_VOLATILE = ("chunks", "chunk_rows", "engine", "python_blocks", "block_bytes", "seconds", "cpu_seconds")
 
 
 def same_result(a, b):
@@ -104,6 +104,38 @@ def test_hash_values_distinct_and_empty():
     assert h[0] == 0 and len(set(h.tolist())) == len(vals) and (h[1:] != 0).all()
     sliced = pa.array(vals, type=pa.binary()).slice(2, 3)
     np.testing.assert_array_equal(_hash_values(sliced), h[2:5])
+
+
+def test_value_keys_are_one_to_one_and_give_back_the_values():
+    import pyarrow as pa
+
+    from optembed_ext.data._fast import _FieldCounts
+
+    vals = [b"", b"0", b"-1", b"a", b"ab", b"1234567", b"\x00", b"\x00\x00", b"a\x00",  # packed (1..7 bytes)
+            b"0123abcd", b"ffffffff", b"00000000", b"68fd1e64",                          # 8 lowercase hex digits
+            b"0123ABCD", b"0123abcg", b"12345678 ", b"abcdefgh", b"x" * 40, "\u00e9t\u00e9".encode() * 3]  # hashed
+    arr = pa.array(vals, type=pa.binary())
+    keys = _value_keys(arr)
+    assert keys[0] == 0 and (keys[1:] != 0).all() and len(set(keys.tolist())) == len(vals)
+    tags = (keys >> np.uint64(62)).tolist()
+    assert tags == [0] + [1] * 8 + [2] * 4 + [3] * 6
+    np.testing.assert_array_equal(_value_keys(arr.slice(3, 9)), keys[3:12])  # any slice of an array
+    fc = _FieldCounts()
+    long = tags.index(3)
+    fc.long.add(keys[long:], arr.slice(long))
+    back = _key_values(keys, fc.long)
+    assert back.to_pylist() == vals
+    # every byte at every position of an 8-byte value: a packed hex number exactly for lowercase hex digits
+    eights = [bytes(b"01234567"[:p]) + bytes([c]) + b"01234567"[p + 1:] for p in range(8) for c in range(256)]
+    ek = _value_keys(pa.array(eights, type=pa.binary()))
+    want = [2 if c in b"0123456789abcdef" else 3 for p in range(8) for c in range(256)]
+    assert (ek >> np.uint64(62)).tolist() == want
+    fc.long.add(ek[np.asarray(want) == 3], pa.array([v for v, t in zip(eights, want) if t == 3], type=pa.binary()))
+    assert _key_values(ek, fc.long).to_pylist() == eights
+    assert len(set(ek.tolist())) == len(set(eights))
+    # the same value gets the same key in every block, whatever else the block holds
+    other = pa.array([b"zz" * 9, b"68fd1e64", b"1234567"], type=pa.binary())
+    assert _value_keys(other)[1:].tolist() == [keys[12], keys[5]]
 
 
 _MEASURE = textwrap.dedent("""
