@@ -153,6 +153,19 @@ def test_csv_tsv_and_parquet_give_the_same_arrays(tmp_path):
     assert load_vocab(res.cache_path)["n"] == ["<OOV>", "<EMPTY>", "7", "1"]
 
 
+def test_arrow_and_python_engines_give_the_same_arrays(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = write_table(tmp_path / "toy.csv")
+    py = preprocess_generic(SPEC, path, tmp_path / "c1", engine="python")
+    ar = preprocess_generic(SPEC, path, tmp_path / "c2", engine="arrow")
+    assert ar.cache_path.name == py.cache_path.name  # the engine is not part of the cache key
+    np.testing.assert_array_equal(ar.X, py.X)
+    np.testing.assert_array_equal(ar.y, py.y)
+    assert load_vocab(ar.cache_path) == load_vocab(py.cache_path)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        preprocess_generic(SPEC, path, engine="fast")
+
+
 def test_without_cache_and_random_split_and_compression(tmp_path):
     import gzip
 
@@ -168,6 +181,11 @@ def test_without_cache_and_random_split_and_compression(tmp_path):
     d1, d2 = load_generic(spec, tmp_path / "toy.csv"), load_generic(spec, tmp_path / "toy.csv", seed=4)
     assert d1.info["split"] == "random" and d1.info["seed"] == 3 and d2.info["seed"] == 4
     assert sorted(map(tuple, np.concatenate([d1.train.X, d1.val.X, d1.test.X]))) == sorted(map(tuple, a.X))
+    # a time split without a cache sorts the in-memory arrays
+    t = preprocess_generic(SPEC, tmp_path / "toy.csv")
+    np.testing.assert_array_equal(t.y, [0, 1, 0, 1, 1])
+    c = preprocess_generic(SPEC, tmp_path / "toy.csv", tmp_path / "cache")
+    np.testing.assert_array_equal(t.X, c.X)
 
 
 # ------------------------------------------------------------------------------------ malformed rows

@@ -79,7 +79,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _stream
+from . import _fast, _stream
 from . import cache as _cache
 from .batching import make_splits
 from .errors import DataFileNotFoundError, DataFormatError, DataUsageError, MalformedRowError
@@ -95,6 +95,8 @@ SPLITS = ("random", "time", "file")
 GENERIC_VERSION = 1
 QUANTILE_SAMPLE = 10_000_000
 CHUNK_ROWS = 65536
+ENGINES = ("auto", "python", "arrow")
+ARROW_MIN_BYTES = 32 << 20  # engine="auto": token files from this size on are encoded by the arrow engine
 _NAME_RE = re.compile(r"^[a-z0-9]+$")
 _RULE_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
 _SANITIZE = re.compile(r"[\t\r\n]")
@@ -1040,13 +1042,16 @@ def _input_path(input) -> Path:
 
 def preprocess_generic(spec, input, cache_dir=None, *, min_count: int | None = None, strict: bool = False,
                        max_rows: int | None = None, progress: bool = False, force: bool = False,
-                       chunk_rows: int = 100_000) -> GenericResult:
+                       chunk_rows: int = 100_000, engine: str = "auto") -> GenericResult:
     """Encode ``input`` (a CSV, TSV or Parquet file) as ``spec`` (a :class:`Spec`, a YAML path, YAML text or a
     mapping) describes; with a ``cache_dir`` the arrays are cached like the built-in formats'.
 
     ``min_count`` overrides the spec's; ``max_rows`` caps the data rows read; ``strict`` raises
     :class:`MalformedRowError` at the first malformed row. Rows are stored in file order, or sorted by the time
-    column (stable) when the spec's split is ``by: time``.
+    column (stable) when the spec's split is ``by: time``. ``engine`` encodes the token file of pass 0:
+    ``"python"`` (the line-by-line encoder), ``"arrow"`` (the pyarrow encoder of the click logs,
+    :mod:`optembed_ext.data._fast`) or ``"auto"`` (arrow for token files of 32 MiB and more when pyarrow is
+    installed); both give the same arrays, so the engine is not part of the cache key.
     """
     from .loaders import FORMAT_VERSION, _build_or_load, _unwritable  # the cache flow of the built-in formats
 
@@ -1058,6 +1063,8 @@ def preprocess_generic(spec, input, cache_dir=None, *, min_count: int | None = N
         raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+    if engine not in ENGINES:
+        raise DataUsageError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     main = _Reader(path, spec.input, "input file")
     files = [path]
     pre_stats = _new_stats()
@@ -1088,8 +1095,19 @@ def preprocess_generic(spec, input, cache_dir=None, *, min_count: int | None = N
                 schema = _stream.TableSchema(spec.name, ["label"] + names, 0, _label_fn,
                                              [_stream.FieldSpec(n, i + 1, None, t)
                                               for i, (n, t) in enumerate(zip(names, thresholded))])
-                table = _stream.encode_table(schema, _stream.RawSource(tokens_path, "\t", False), min_count=min_count,
-                                             strict=True, chunk_rows=chunk_rows, progress=progress, out_dir=out_dir)
+                source = _stream.RawSource(tokens_path, "\t", False)
+                arrow = engine == "arrow" or (engine == "auto" and tokens_path.stat().st_size >= ARROW_MIN_BYTES)
+                if arrow and not _fast.fast_path_available(schema, source):
+                    if engine == "arrow":
+                        raise DataUsageError("engine='arrow' needs the pyarrow package; install it or pass "
+                                             "engine='python'")
+                    arrow = False
+                if arrow:
+                    table = _fast.encode_table_fast(schema, source, min_count=min_count, strict=True,
+                                                    progress=progress, out_dir=out_dir)
+                else:
+                    table = _stream.encode_table(schema, source, min_count=min_count, strict=True,
+                                                 chunk_rows=chunk_rows, progress=progress, out_dir=out_dir)
             finally:
                 tokens_path.unlink(missing_ok=True)
             if times is not None:
@@ -1175,12 +1193,12 @@ def _sort_rows(table, times: np.ndarray, out_dir) -> None:
 
 def load_generic(spec, input, *, cache_dir=None, min_count: int | None = None, strict: bool = False,
                  max_rows: int | None = None, progress: bool = False, force: bool = False, split: str | None = None,
-                 seed: int | None = None, ratios: Sequence[float] | None = None) -> CTRDataset:
+                 seed: int | None = None, ratios: Sequence[float] | None = None, engine: str = "auto") -> CTRDataset:
     """:func:`preprocess_generic`, then the train/val/test splits of the spec (``split``/``seed``/``ratios``
     override it: ``"random"``, or ``"sequential"`` -- the stored order: by time for a time split, else the file's).
     """
     res = preprocess_generic(spec, input, cache_dir, min_count=min_count, strict=strict, max_rows=max_rows,
-                             progress=progress, force=force)
+                             progress=progress, force=force, engine=engine)
     sp = res.spec.split
     how = split if split is not None else ("random" if sp.by == "random" else "sequential")
     if how not in ("random", "sequential"):
