@@ -260,7 +260,12 @@ def test_dlrm_like_torchrec_model_with_optembed_on_ml100k(ml100k):
     seconds = time.perf_counter() - t0
     assert hook.best_auc > 0.7, hook.history
     assert table.sparsity() > 0.05, table.threshold
-    hook.freeze(field_dims=[16, 16, 4, 8, 8, 8, 4, 8])
+    # the dims search feeds (B, F) ids: the model behind IdInput (one forward per candidate)
+    Xv = torch.as_tensor(ml100k.val.X - offsets, dtype=torch.long)
+    res = integrations.search_dims(trec_adapter.IdInput(model, names), (Xv, yv), generations=1, mutation_num=2,
+                                   crossover_num=2)
+    assert not res["batched"] and len(res["field_dims"]) == fmap.num_fields and res["val_auc"] > 0.6
+    hook.freeze(field_dims=res["field_dims"])
     model.eval()
     with torch.no_grad():
         masked = model(kv)

@@ -26,9 +26,9 @@ Bags hold at most ``max_values`` ids (default 1: single-valued features; a bag m
 ids is looked up as ``k`` rows of a ``(B * max_values, F)`` id matrix, so a supernet's sampled dims apply per id
 rather than per sample for multi-valued features. Refused with a clear error: tables shared by several features,
 tables of different ``embedding_dim``, pooling other than ``SUM``/``MEAN``, variable batch sizes per feature
-(``variable_stride_per_key``), sharded collections (replace the tables before sharding) and, for
-:func:`~optembed_ext.integrations.search_dims`, models that take a KJT (the dims search feeds ``(B, F)`` id
-tensors).
+(``variable_stride_per_key``) and sharded collections (replace the tables before sharding). The dims search
+(:func:`~optembed_ext.integrations.search_dims`) feeds ``(B, F)`` id tensors: give it ``IdInput(model, names)``, the
+model behind a ``(B, F)`` local ids -> KJT conversion (single-valued features).
 
 TorchRec is imported only inside the functions that build its outputs (``pip install torchrec fbgemm-gpu-cpu``).
 """
@@ -43,7 +43,7 @@ from ..nn.base import EmbeddingModule, _compiling
 from ..nn.plugin import _copy_table, _set_submodule, make_table
 
 __all__ = ["TorchRecEmbeddingBagCollection", "TorchRecEmbeddingCollection", "from_torchrec", "replace_embeddings",
-           "is_torchrec_collection", "find_collections", "local_ids_to_kjt"]
+           "is_torchrec_collection", "find_collections", "local_ids_to_kjt", "IdInput"]
 
 _COLLECTIONS = ("EmbeddingBagCollection", "EmbeddingCollection")
 POOLINGS = ("SUM", "MEAN")
@@ -321,3 +321,17 @@ def local_ids_to_kjt(ids: torch.Tensor, feature_names: Sequence[str]):
     B, F = ids.shape
     return torchrec.KeyedJaggedTensor(keys=[str(n) for n in feature_names], values=ids.t().reshape(-1).long(),
                                       lengths=torch.ones(F * B, dtype=torch.int32, device=ids.device))
+
+
+class IdInput(nn.Module):
+    """``model`` (which takes a ``KeyedJaggedTensor``) fed single-valued per-feature local ids ``(B, F)``: what
+    :func:`~optembed_ext.integrations.search_dims` and other ``(B, F)`` tools pass. ``feature_names`` in column
+    order."""
+
+    def __init__(self, model: nn.Module, feature_names: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.feature_names = [str(n) for n in feature_names]
+
+    def forward(self, ids: torch.Tensor):
+        return self.model(local_ids_to_kjt(ids, self.feature_names))
