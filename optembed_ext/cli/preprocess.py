@@ -49,6 +49,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if pre is not None:
         msg += (f"; {pre.get('rows_read', 0)} rows read, {pre.get('filtered', 0)} filtered, "
                 f"{pre.get('malformed', 0)} malformed rows skipped")
+        if not summary.get("from_cache"):
+            import resource
+
+            summary["rows_per_second"] = pre.get("rows_read", 0) / max(seconds, 1e-9)
+            summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+            save_json(run_dir / "metrics.json", summary)
+            msg += f"; {summary['rows_per_second']:,.0f} rows/s, peak RSS {summary['peak_rss_gib']:.2f} GiB"
         if pre.get("padded_rows"):
             msg += f", {pre['padded_rows']} short rows padded"
         if pre.get("side_malformed"):

@@ -451,9 +451,11 @@ class _KeySet:
         return self._in(self.big, keys) | self._in(self.recent, keys)
 
     def add(self, keys: np.ndarray) -> None:
-        self.recent = np.union1d(self.recent, keys)
+        """Add keys not in the set yet (distinct)."""
+        # two sorted runs: the stable sort (timsort) merges them in linear time
+        self.recent = np.sort(np.concatenate([self.recent, np.sort(keys)]), kind="stable")
         if len(self.recent) > len(self.big) // 4 + 4096:
-            self.big = np.union1d(self.big, self.recent)
+            self.big = np.sort(np.concatenate([self.big, self.recent]), kind="stable")
             self.recent = np.zeros(0, dtype=np.uint64)
 
 
@@ -461,8 +463,10 @@ class _BlockReader:
     """In a thread of its own: reads blocks and splits each regular one with pyarrow into dictionary-encoded
     columns (C++, without the GIL), a few blocks ahead of the counting."""
 
-    def __init__(self, schema: TableSchema, source: RawSource, wanted: list[int], blocks: Iterator, ahead: int = 2):
+    def __init__(self, schema: TableSchema, source: RawSource, wanted: list[int], blocks: Iterator, ahead: int = 3,
+                 workers: int = 2):
         self.cpu_seconds = 0.0
+        self.workers = workers
         import pyarrow as pa
         import pyarrow.csv as pcsv
 
@@ -501,7 +505,7 @@ class _BlockReader:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield item[:4] + (item[4].result(),)
 
     def _put(self, item) -> bool:
         while not self.stop.is_set():
@@ -513,16 +517,27 @@ class _BlockReader:
         return False
 
     def _run(self):
-        try:
-            for lineno0, nlines, text, end in self.blocks:
-                if not self._put((lineno0, nlines, text, end, self._regular(text, nlines))):
-                    return
-            self._put(_DONE)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-        finally:
-            self.blocks.close()
-            self.cpu_seconds = time.thread_time()
+        cpu: list[float] = []
+
+        def split(text, nlines):
+            c0 = time.thread_time()
+            try:
+                return self._regular(text, nlines)
+            finally:
+                cpu.append(time.thread_time() - c0)
+
+        # two workers split consecutive blocks at once; the blocks are handed on in file order
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="optembed-split") as pool:
+            try:
+                for lineno0, nlines, text, end in self.blocks:
+                    if not self._put((lineno0, nlines, text, end, pool.submit(split, text, nlines))):
+                        return
+                self._put(_DONE)
+            except BaseException as e:  # handed to the consumer, raised there
+                self._put(e)
+            finally:
+                self.blocks.close()
+        self.cpu_seconds = time.thread_time() + sum(cpu)
 
     def _regular(self, text: bytes, nlines: int):
         """``{column: DictionaryArray}`` of a regular block, or None (the block goes line by line)."""
