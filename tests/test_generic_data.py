@@ -214,6 +214,14 @@ def test_malformed_rows_are_counted_or_raised_with_line_and_column(tmp_path):
         preprocess_generic(spec, write_table(tmp_path / "ok.csv"), tmp_path / "cache3")
 
 
+def test_quoted_csv_header_and_values(tmp_path):
+    (tmp_path / "q.csv").write_text('"user","price, usd",clicked\nu1,"3,5",1\nu2,"4",0\n')
+    spec = {"label": {"column": "clicked", "positive": 1}, "fields": ["user", "price, usd"], "min_count": 1}
+    res = preprocess_generic(spec, tmp_path / "q.csv", tmp_path / "cache")
+    assert res.feature_map.field_names == ["user", "price, usd"]
+    assert load_vocab(res.cache_path)["price, usd"][2:] == ["3,5", "4"]
+
+
 def test_join_side_table_and_missing_keys(tmp_path):
     (tmp_path / "users.txt").write_text("u1|F|31\nu2|M|45\nu1|M|99\n")             # u1 twice: the first wins
     rows = [["u1", "a1", "1"], ["u2", "a2", "0"], ["u9", "a1", "1"]]

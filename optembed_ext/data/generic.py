@@ -617,7 +617,11 @@ class _Reader:
         if not first.strip():
             raise DataFormatError(f"{self.path}: the first line is empty but the spec says it names the columns "
                                   "(header: true)", file=self.path)
-        return [c.strip().strip('"') for c in first.split(sep)]
+        header = _stream._split_lines([first], sep, first)[0]  # as the line reader splits it (quotes in CSV)
+        if type(header) is not list:
+            raise DataFormatError(f"{self.path}: cannot split the header line into columns ({header.reason})",
+                                  file=self.path)
+        return [c.strip() for c in header]
 
     def require(self, names: Sequence[str], where: str) -> None:
         missing = [n for n in names if n not in self.columns]
