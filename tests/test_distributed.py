@@ -1,8 +1,10 @@
 """Data-parallel runs (torch.distributed, gloo on 127.0.0.1) against the single-process run on the same tiny data.
 
-* trainer: 2 ranks (row-sparse and dense gradients) give the single-process training (same global batches; no batch norm or dropout, so the only
-  difference is floating-point summation order) -- weights, losses and AUCs within 1e-5 -- and resume from the
-  checkpoint rank 0 alone wrote;
+* trainer: 2 ranks (row-sparse and dense gradients) give the single-process training (same global batches; no dropout,
+  batch norm over the global batch, so the only difference is floating-point summation order) -- weights within 1e-4,
+  losses and AUCs within 1e-5 -- and resume from the checkpoint rank 0 alone wrote;
+* batch norm: ``CPUSyncBatchNorm`` on 2 ranks with uneven shares = ``BatchNorm1d`` over the whole batch (outputs,
+  every gradient, running statistics); without synchronisation every rank still evaluates rank 0's statistics;
 * evolution: 2 ranks return exactly the single-process search (every generation's AUCs, the best dims);
 * ``torchrun -m optembed_ext search``: the chosen dims, kept rows and row mask equal the single-process run's.
 
@@ -111,7 +113,8 @@ class Interrupted(Exception):
     pass
 
 
-def _train(run_dir, epochs: int, optimizer: str, stop_at: int | None = None):
+def _train(run_dir, epochs: int, optimizer: str, stop_at: int | None = None, batch_norm: bool = False,
+           sync_batch_norm: bool = True):
     from optembed_ext.models import build_model
     from optembed_ext.nn.optembed import OptEmbedEmbedding
     from optembed_ext.train.callbacks import LambdaCallback
@@ -125,9 +128,9 @@ def _train(run_dir, epochs: int, optimizer: str, stop_at: int | None = None):
     data = tiny_data()
     torch.manual_seed(0)
     emb = OptEmbedEmbedding(data.feature_map, 4, threshold_lr=1e-2, sparse=optimizer == "sparse_adam")
-    model = build_model("deepfm", data.feature_map, emb, mlp_dims=[8], batch_norm=False, dropout=0.0)
+    model = build_model("deepfm", data.feature_map, emb, mlp_dims=[8], batch_norm=batch_norm, dropout=0.0)
     cfg = TrainConfig(epochs=epochs, batch_size=101, lr=1e-2, optimizer=optimizer, patience=None, seed=5,
-                      eval_batch_size=97, progress=False, checkpoint_every=1)
+                      eval_batch_size=97, progress=False, checkpoint_every=1, sync_batch_norm=sync_batch_norm)
     trainer = Trainer(model, data, cfg, run_dir=run_dir, callbacks=[LambdaCallback(on_batch_end=interrupt)])
     try:
         result = trainer.fit(resume=True)
@@ -161,6 +164,112 @@ def test_two_ranks_train_as_one_process(tmp_path, optimizer):
     _close([ddp["result"][k] for k in ("best_val_auc", "test_auc", "test_logloss")],
            [single["result"][k] for k in ("best_val_auc", "test_auc", "test_logloss")])
     assert ddp["files"] == single["files"]
+
+
+def _train_both_batch_norms(run_dir):
+    return {"sync": _train(os.path.join(run_dir, "sync"), 2, "sgd", batch_norm=True),
+            "local": _train(os.path.join(run_dir, "local"), 2, "sgd", batch_norm=True, sync_batch_norm=False)}
+
+
+def test_two_ranks_with_batch_norm_train_as_one_process(tmp_path):
+    """Batch norm in the MLP: synchronised (the default) the 2 ranks train the single-process model; per rank
+    (``sync_batch_norm=False``) every rank still ends with the same model (rank 0's running statistics).
+
+    SGD: the bias of the linear layer in front of a batch norm has a zero gradient (the norm removes it), which
+    Adam would turn into full-size steps driven by rounding noise -- the noise of one process is not that of two."""
+    single = _train(str(tmp_path / "single"), 2, "sgd", batch_norm=True)
+    assert any("running_mean" in k for k in single["state"])
+    ranks = run_ranks(_train_both_batch_norms, (str(tmp_path / "ddp"),), tmp_path)
+    for r in ranks:
+        for k, v in r["local"]["state"].items():
+            assert torch.equal(v, ranks[0]["local"]["state"][k]), k
+        ddp = r["sync"]
+        assert torch.equal(ddp["row_mask"], single["row_mask"])
+        _close(ddp["threshold"], single["threshold"])
+        for k, v in single["state"].items():
+            _close(ddp["state"][k], v, 1e-4)
+        _close(ddp["history"], single["history"])
+        _close([ddp["result"][k] for k in ("best_val_auc", "test_auc", "test_logloss")],
+               [single["result"][k] for k in ("best_val_auc", "test_auc", "test_logloss")])
+
+
+BN_CASES = [((5, 8), (3,)), ((1, 6), (2, 4))]  # (rows of rank 0, rows of rank 1), (C, ...): 2-D and 3-D inputs
+
+
+def _sync_bn_cases():
+    return [_sync_bn_pieces(sizes, dims) for sizes, dims in BN_CASES]
+
+
+def _sync_bn_pieces(sizes, dims):
+    from optembed_ext.train.distributed import CPUSyncBatchNorm, rank, sync_batch_norm
+
+    torch.manual_seed(0)
+    n = sum(sizes)
+    x = torch.randn(n, *dims, dtype=torch.float64) * 3 + 1
+    w = torch.randn(n, *dims, dtype=torch.float64)
+    lo = sum(sizes[:rank()])
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(dims[0], momentum=0.3).double())
+    converted = sync_batch_norm(net)
+    assert converted == 1 and isinstance(net[0], CPUSyncBatchNorm)
+    with torch.no_grad():
+        net[0].weight.uniform_(0.5, 1.5)
+        net[0].bias.uniform_(-1, 1)
+    xl = x[lo:lo + sizes[rank()]].clone().requires_grad_(True)
+    outs = []
+    for _ in range(2):  # two steps: the running statistics follow the global batch
+        out = net(xl)
+        (out * w[lo:lo + sizes[rank()]]).sum().backward()
+        outs.append(out.detach())
+    net.eval()
+    return {"out": outs, "grad_x": xl.grad, "grad_w": net[0].weight.grad, "grad_b": net[0].bias.grad,
+            "eval": net(x).detach(), "stats": (net[0].running_mean, net[0].running_var,
+                                              net[0].num_batches_tracked)}
+
+
+def test_cpu_sync_batch_norm_is_batch_norm_over_every_rank(tmp_path):
+    cases = run_ranks(_sync_bn_cases, (), tmp_path)
+    for case, (sizes, dims) in enumerate(BN_CASES):
+        _check_sync_bn([r[case] for r in cases], sizes, dims)
+
+
+def _check_sync_bn(ranks, sizes, dims):
+    torch.manual_seed(0)
+    n = sum(sizes)
+    x = (torch.randn(n, *dims, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    w = torch.randn(n, *dims, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(dims[0], momentum=0.3).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    outs = []
+    for _ in range(2):
+        out = ref(x)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+    ref.eval()
+    cut = [0, sizes[0], n]
+    for r, got in enumerate(ranks):
+        for a, b in zip(got["out"], outs):
+            torch.testing.assert_close(a, b[cut[r]:cut[r + 1]])
+        torch.testing.assert_close(got["grad_x"], x.grad[cut[r]:cut[r + 1]])
+        torch.testing.assert_close(got["eval"], ref(x).detach())
+        for a, b in zip(got["stats"], (ref.running_mean, ref.running_var, ref.num_batches_tracked)):
+            torch.testing.assert_close(a, b)
+    # parameter gradients stay per rank (DDP averages them): their sum is the whole batch's
+    torch.testing.assert_close(ranks[0]["grad_w"] + ranks[1]["grad_w"], ref.weight.grad)
+    torch.testing.assert_close(ranks[0]["grad_b"] + ranks[1]["grad_b"], ref.bias.grad)
+
+
+def test_sync_batch_norm_is_a_no_op_in_one_process():
+    from optembed_ext.train.distributed import CPUSyncBatchNorm, sync_batch_norm
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    assert sync_batch_norm(net) == 0 and type(net[1]) is torch.nn.BatchNorm1d
+    torch.manual_seed(1)
+    bn, ref = CPUSyncBatchNorm(4), torch.nn.BatchNorm1d(4)
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(bn(x), ref(x))  # no process group: plain batch norm
+    torch.testing.assert_close(bn.running_var, ref.running_var)
 
 
 def test_two_ranks_resume_from_rank0_checkpoint(tmp_path):
@@ -208,7 +317,7 @@ def test_two_ranks_search_returns_the_single_process_architecture(tmp_path):
 # -------------------------------------------------------------------------------------------- torchrun CLI
 SEARCH_ARGS = ["search", "--dataset", "synthetic", "--dataset-kwargs",
                "{num_samples: 1200, num_fields: 4, vocab_sizes: [20, 7, 13, 30]}", "--data-seed", "1",
-               "--model", "deepfm", "--model-cfg", "{mlp_dims: [8], batch_norm: false, dropout: 0.0}",
+               "--model", "deepfm", "--model-cfg", "{mlp_dims: [8], batch_norm: true, dropout: 0.0}",
                "--embed-dim", "4", "--epochs", "2", "--batch-size", "100", "--lr", "0.01",
                "--threshold-lr", "0.01", "--threshold-init", "0.4", "--generations", "2", "--mutation-num", "3", "--crossover-num", "3",
                "--keep-num", "1", "--evo-batch-size", "128", "--eval-batch-size", "256", "--baseline", "false",

@@ -270,14 +270,24 @@ class _GlobalBatchNorm(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-class CPUSyncBatchNorm(nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` for CPU tensors (gloo): in training mode under a process group of more than one
-    rank the statistics are those of all ranks' rows together (:class:`_GlobalBatchNorm`); otherwise (evaluation,
-    one process, CUDA tensors) it is ``SyncBatchNorm`` itself. Torch's ``SyncBatchNorm`` raises on CPU tensors (its
-    kernels are CUDA-only in torch 2.14)."""
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the rows of every rank for CPU modules (gloo), what ``torch.nn.SyncBatchNorm`` does on CUDA:
+    in training mode under a process group of more than one rank the statistics are those of all ranks' rows
+    together (:class:`_GlobalBatchNorm`); otherwise (evaluation, one process) it is plain batch norm over any input
+    of shape ``(N, C, ...)``. Torch's own ``SyncBatchNorm`` cannot serve here: its kernels are CUDA-only in torch
+    2.14 and DistributedDataParallel refuses it in a CPU module."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}D input")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu" or not self.training:
+        if not self.training or not is_distributed():
             return super().forward(input)
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -287,17 +297,17 @@ class CPUSyncBatchNorm(nn.SyncBatchNorm):
                 factor = 1.0 / float(self.num_batches_tracked)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
-        if not is_distributed():
-            return torch.nn.functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, True,
-                                                  factor, self.eps)
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return _GlobalBatchNorm.apply(input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
                                       group)
 
 
+_SYNCED = (nn.SyncBatchNorm, CPUSyncBatchNorm)
+
+
 def _convert_batch_norm(module: nn.Module, cls, group) -> nn.Module:
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _SYNCED):
         out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                   group)
         if module.affine:
@@ -318,7 +328,7 @@ def sync_batch_norm(module: nn.Module, device=None) -> int:
     if not is_distributed():
         return 0
     found = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and not isinstance(m, nn.SyncBatchNorm)]
+             and not isinstance(m, _SYNCED)]
     release_other_ranks()
     if not found:
         return 0
