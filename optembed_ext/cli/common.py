@@ -162,8 +162,9 @@ def require(args: argparse.Namespace, *names: str) -> None:
         raise SystemExit(f"error: {opts} required (on the command line or in the --config file)")
 
 
-def load_data_from_args(args: argparse.Namespace, progress: bool | None = None):
-    """``optembed_ext.data.load_dataset`` with the options of :func:`add_data_arguments`."""
+def load_data_from_args(args: argparse.Namespace, progress: bool | None = None, lazy: bool | None = None):
+    """``optembed_ext.data.load_dataset`` with the options of :func:`add_data_arguments` (``lazy``: splits that
+    read the cached arrays only when used)."""
     from ..data import load_dataset
 
     require(args, "dataset")
@@ -174,6 +175,8 @@ def load_data_from_args(args: argparse.Namespace, progress: bool | None = None):
         kwargs["min_count"] = args.min_count
     if getattr(args, "preset", None) is not None:
         kwargs["preset"] = args.preset
+    if lazy is not None and args.dataset != "synthetic":
+        kwargs["lazy"] = lazy
     if args.num_samples is not None:
         if args.dataset != "synthetic":
             raise SystemExit("error: --num-samples applies to --dataset synthetic only")

@@ -38,7 +38,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         args.data_seed = 2022 if args.data_seed is None else args.data_seed
     run_dir = start_run(args, "preprocess", resumable=False)
     start = time.perf_counter()
-    data = _load_spec_data(args) if spec_data else load_data_from_args(args)
+    # lazy: the summary needs the split sizes and labels, not in-memory copies of X
+    data = _load_spec_data(args) if spec_data else load_data_from_args(args, lazy=True)
     seconds = time.perf_counter() - start
     summary = {"command": "preprocess", **dataset_summary(data), "cache_dir": args.cache_dir, "seconds": seconds}
     save_json(run_dir / "metrics.json", summary)

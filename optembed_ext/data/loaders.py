@@ -326,7 +326,7 @@ def load_vocab(cache_path) -> dict[str, list[str]]:
 def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | None = None, split: str = "random",
                  seed: int = 2022, ratios: Sequence[float] = (0.8, 0.1, 0.1), strict: bool = False,
                  max_rows: int | None = None, progress: bool = True, preset: str | None = None,
-                 **kwargs) -> CTRDataset:
+                 lazy: bool | None = None, **kwargs) -> CTRDataset:
     """Load dataset ``name`` as a :class:`CTRDataset` with train/val/test splits.
 
     ``name`` in ``criteo, avazu, kdd12, movielens1m, movielens100k, synthetic``. Raw datasets go
@@ -335,6 +335,9 @@ def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | N
     in file order. ``preset`` (``"default"`` or ``"paper"``) picks the preprocessing rules, see
     :func:`preprocess` (for ``"synthetic"``: the generator's preset). ``"synthetic"`` forwards ``seed``, ``split``, ``ratios`` and ``kwargs`` to
     :func:`make_synthetic` (``data_dir`` is ignored).
+
+    ``lazy`` (raw datasets): ``True`` cuts the splits as views of the cached arrays that read nothing until
+    used (see :func:`~optembed_ext.data.batching.make_splits`); ``None``: its default.
 
     ``info`` holds ``dataset``, ``cache_path``, ``from_cache``, ``num_rows``, ``stats`` (row counts,
     malformed rows, per-field vocabulary figures), ``min_count``, ``split``, ``seed``, ``ratios``.
@@ -350,7 +353,7 @@ def load_dataset(name: str, data_dir=None, *, cache_dir=None, min_count: int | N
         return make_synthetic(seed=seed, split=split, ratios=ratios, **kwargs)
     res = preprocess(name, data_dir, cache_dir, min_count=min_count, strict=strict, max_rows=max_rows,
                      progress=progress, preset=preset, **kwargs)
-    train, val, test = make_splits(res.X, res.y, split=split, seed=seed, ratios=ratios)
+    train, val, test = make_splits(res.X, res.y, split=split, seed=seed, ratios=ratios, lazy=lazy)
     info = {
         "dataset": name, "cache_path": None if res.cache_path is None else str(res.cache_path),
         "from_cache": res.from_cache, "num_rows": res.num_rows, "stats": res.stats,
