@@ -220,6 +220,7 @@ def _auc(y, p):
     return float(roc_auc_score(np.asarray(y), np.asarray(p)))
 
 
+@pytest.mark.slow
 def test_dlrm_like_torchrec_model_with_optembed_on_ml100k(ml100k):
     fmap = ml100k.feature_map
     names = fmap.field_names
