@@ -25,7 +25,7 @@ def _load_spec_data(args: argparse.Namespace):
         raise SystemExit("error: --dataset csv needs --input (the CSV/TSV/Parquet file the spec describes)")
     return load_generic(args.spec, source, cache_dir=args.cache_dir, min_count=args.min_count,
                         strict=bool(args.strict), max_rows=args.max_rows, progress=bool(args.progress),
-                        split=args.split, seed=args.data_seed)
+                        split=args.split, seed=args.data_seed, lazy=True)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:

@@ -1197,9 +1197,11 @@ def _sort_rows(table, times: np.ndarray, out_dir) -> None:
 
 def load_generic(spec, input, *, cache_dir=None, min_count: int | None = None, strict: bool = False,
                  max_rows: int | None = None, progress: bool = False, force: bool = False, split: str | None = None,
-                 seed: int | None = None, ratios: Sequence[float] | None = None, engine: str = "auto") -> CTRDataset:
+                 seed: int | None = None, ratios: Sequence[float] | None = None, engine: str = "auto",
+                 lazy: bool | None = None) -> CTRDataset:
     """:func:`preprocess_generic`, then the train/val/test splits of the spec (``split``/``seed``/``ratios``
     override it: ``"random"``, or ``"sequential"`` -- the stored order: by time for a time split, else the file's).
+    ``lazy``: as :func:`~optembed_ext.data.batching.make_splits` (views of the cached arrays instead of copies).
     """
     res = preprocess_generic(spec, input, cache_dir, min_count=min_count, strict=strict, max_rows=max_rows,
                              progress=progress, force=force, engine=engine)
@@ -1209,7 +1211,7 @@ def load_generic(spec, input, *, cache_dir=None, min_count: int | None = None, s
         raise ValueError(f"split must be 'random' or 'sequential', got {how!r}")
     seed = sp.seed if seed is None else seed
     ratios = sp.ratios if ratios is None else tuple(ratios)
-    train, val, test = make_splits(res.X, res.y, split=how, seed=seed, ratios=ratios)
+    train, val, test = make_splits(res.X, res.y, split=how, seed=seed, ratios=ratios, lazy=lazy)
     info = {"dataset": res.dataset, "cache_path": None if res.cache_path is None else str(res.cache_path),
             "from_cache": res.from_cache, "num_rows": res.num_rows, "stats": res.stats,
             "min_count": res.params["min_count"], "spec": res.spec.source,
