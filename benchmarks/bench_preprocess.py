@@ -1,7 +1,9 @@
 """Preprocessing throughput and peak memory on a generated Criteo file: our two engines and a peer.
 
 Each measurement runs in a fresh subprocess (its own peak RSS, cold caches of Python objects); the page
-cache is warm for every contender alike after the first read. Peers: pytorch-fm's ``CriteoDataset``
+cache is warm for every contender alike after the first read. Besides rows per second (wall clock) each line
+gives rows per CPU-second of the process (all its threads): on a machine shared with other jobs the wall clock
+depends on their load, the processor time much less. Peers: pytorch-fm's ``CriteoDataset``
 (package ``torchfm``; needs ``lmdb``), which counts with Python dicts and writes one LMDB record per row.
 
 Correctness before timing: the categorical vocabularies (values seen at least ``--min-count`` times per
@@ -30,8 +32,9 @@ _OURS = textwrap.dedent("""
     r = preprocess("criteo", path, cache, min_count=mc, engine=engine, progress=False, force=True)
     dt = time.perf_counter() - t
     kept = [f["cardinality"] - 2 + (1 if f["empty_occurrences"] >= mc else 0) for f in r.stats["fields"][13:]]
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"rows": r.num_rows, "lines": r.stats["lines"], "seconds": dt,
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_gb": ru.ru_maxrss / 2**20,
                       "features": r.feature_map.num_features, "cat_vocab": kept,
                       "phases": r.stats.get("seconds")}))
 """)
@@ -45,7 +48,9 @@ _TORCHFM = textwrap.dedent("""
     ds = CriteoDataset(path, cache, rebuild_cache=True, min_threshold=mc)
     dt = time.perf_counter() - t
     dims = ds.field_dims.astype(int).tolist()
-    print(json.dumps({"rows": len(ds), "seconds": dt, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"rows": len(ds), "seconds": dt, "cpu_seconds": ru.ru_utime + ru.ru_stime,
+                      "peak_rss_gb": ru.ru_maxrss / 2**20,
                       "features": int(sum(dims)), "cat_vocab": [d - 1 for d in dims[13:]]}))
 """)
 
@@ -84,10 +89,18 @@ def main() -> None:
             raise SystemExit(f"unknown contender {name}")
         res["rows_per_s"] = res["rows"] / res["seconds"]
         res["mb_per_s"] = size / res["seconds"] / 1e6
+        res["rows_per_cpu_s"] = res["rows"] / res["cpu_seconds"]  # all threads: what the load of others leaves alone
+        res["load_average"] = os.getloadavg()
         results[name] = res
         print(f"{name:8s} {res['rows']:>11,} rows  {res['seconds']:8.1f} s  {res['rows_per_s']:>10,.0f} rows/s  "
-              f"{res['mb_per_s']:6.1f} MB/s  peak RSS {res['peak_rss_gb']:.2f} GiB  features {res['features']:,}",
+              f"{res['mb_per_s']:6.1f} MB/s  {res['rows_per_cpu_s']:>9,.0f} rows/CPU-s  peak RSS "
+              f"{res['peak_rss_gb']:.2f} GiB  features {res['features']:,}  (load {res['load_average'][0]:.1f})",
               flush=True)
+    if "arrow" in results:
+        for name, res in results.items():
+            if name != "arrow":
+                print(f"arrow vs {name}: {results['arrow']['rows_per_s'] / res['rows_per_s']:.1f}x rows/s, "
+                      f"{results['arrow']['rows_per_cpu_s'] / res['rows_per_cpu_s']:.1f}x rows per CPU-second")
     vocabs = {k: v["cat_vocab"] for k, v in results.items()}
     first = next(iter(vocabs.values()))
     agree = all(v == first for v in vocabs.values())

@@ -166,3 +166,35 @@ def test_memory_does_not_grow_with_the_rows(tmp_path):
                            capture_output=True, text=True, check=True)
         peaks.append(int(r.stdout.strip().splitlines()[-1]))
     assert peaks[1] < 1.25 * peaks[0] + (2 << 20), peaks  # 8x the rows, not 8x the memory
+
+
+def test_preprocess_command_reports_rate_and_peak_memory(tmp_path, capsys):
+    from optembed_ext import cli
+
+    raw = tmp_path / "train.txt"
+    generate_raw("criteo", 3000, raw, seed=14)
+    argv = ["preprocess", "--dataset", "criteo", "--data-dir", str(raw), "--cache-dir", str(tmp_path / "cache"),
+            "--preset", "paper", "--no-progress"]
+    assert cli.main(argv + ["--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["rows_per_second"] > 0 and 0 < metrics["peak_rss_gib"] < 64
+    assert f"{metrics['rows_per_second']:,.0f} rows/s" in out and "peak RSS" in out
+    assert metrics["train_size"] + metrics["val_size"] + metrics["test_size"] == 3000
+    # a second run reads the cache: no rate to report
+    assert cli.main(argv + ["--out", str(tmp_path / "run2")]) == 0
+    assert "rows/s" not in capsys.readouterr().out
+
+
+def test_lazy_splits_are_views_of_the_cache(tmp_path):
+    from optembed_ext.data import load_dataset
+    from optembed_ext.data.batching import MappedSplit
+
+    raw = tmp_path / "train.txt"
+    generate_raw("criteo", 2000, raw, seed=15)
+    eager = load_dataset("criteo", raw, cache_dir=tmp_path / "cache", preset="paper", progress=False)
+    lazy = load_dataset("criteo", raw, cache_dir=tmp_path / "cache", preset="paper", progress=False, lazy=True)
+    for a, b in ((eager.train, lazy.train), (eager.val, lazy.val), (eager.test, lazy.test)):
+        assert isinstance(b, MappedSplit) and not b.materialized and len(a) == len(b)
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_array_equal(a.X, b.X)
