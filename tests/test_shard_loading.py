@@ -127,7 +127,7 @@ def _data():
     return make_synthetic(num_samples=1200, num_fields=4, vocab_sizes=[20, 7, 13, 30], seed=1)
 
 
-def _train_on(data, batch_norm: bool):
+def _train_on(data, batch_norm: bool, epochs: int = 2):
     from optembed_ext.models import build_model
     from optembed_ext.nn.optembed import OptEmbedEmbedding
     from optembed_ext.train.config import TrainConfig
@@ -136,7 +136,7 @@ def _train_on(data, batch_norm: bool):
     torch.manual_seed(0)
     emb = OptEmbedEmbedding(data.feature_map, 4, threshold_lr=1e-2)
     model = build_model("deepfm", data.feature_map, emb, mlp_dims=[8], batch_norm=batch_norm, dropout=0.0)
-    cfg = TrainConfig(epochs=2, batch_size=101, lr=1e-2, optimizer="adam", patience=None, seed=5,
+    cfg = TrainConfig(epochs=epochs, batch_size=101, lr=1e-2, optimizer="adam", patience=None, seed=5,
                       eval_batch_size=97, progress=False)
     trainer = Trainer(model, data, cfg)
     result = trainer.fit(resume=False)
@@ -192,3 +192,30 @@ def test_two_ranks_read_only_their_block_of_the_memory_mapped_cache_and_train_as
         _close(r["test"], single["test"])
         for k, v in single["state"].items():
             _close(r["state"][k], v, 1e-4)
+
+
+def test_one_process_trains_bit_identically_on_a_memory_mapped_split(tmp_path):
+    """The trainer over ``MappedSplit`` views (opt-in in one process) = over the in-memory copies, bit for bit."""
+    data = _data()
+    X, y = _memmapped(tmp_path, data)
+    mem = CTRDataset(data.feature_map, *make_splits(X, y, seed=9))
+    lazy = CTRDataset(data.feature_map, *make_splits(X, y, seed=9, lazy=True))
+    _, a = _train_on(mem, batch_norm=True, epochs=1)
+    trainer, b = _train_on(lazy, batch_norm=True, epochs=1)
+    assert trainer.data_shard is None and trainer.batch_shard is None and trainer.synced_batch_norms == 0
+    assert a["history"] == b["history"] and a["test"] == b["test"]
+    for k, v in a["state"].items():
+        assert torch.equal(v, b["state"][k]), k
+    assert not any(lazy.split(n).materialized for n in ("train", "val", "test"))
+
+
+def test_sync_batch_norm_option():
+    from optembed_ext.cli import build_parser
+    from optembed_ext.cli.common import train_config_from_args
+    from optembed_ext.train.config import TrainConfig
+
+    assert TrainConfig().sync_batch_norm is True
+    with pytest.raises(ValueError, match="sync_batch_norm"):
+        TrainConfig(sync_batch_norm="yes")
+    args = build_parser().parse_args(["train", "--dataset", "synthetic", "--no-sync-batch-norm"])
+    assert train_config_from_args(args).sync_batch_norm is False
