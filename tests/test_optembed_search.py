@@ -372,3 +372,15 @@ def test_per_feature_thresholds_run_end_to_end_and_reach_every_entry_point(tiny_
     assert method.build_embedding(fmap).threshold.shape == (fmap.num_features,)
     with pytest.raises(ValueError, match="threshold_mode"):
         CompareConfig(methods=["optembed"], optembed={"threshold_mode": "rows"})
+
+
+def test_warm_start_retraining_of_every_ablation(tiny_data, tmp_path):
+    """retrain_init: supernet loads each variant's own supernet: OptEmbed-D's has no thresholds."""
+    config = dict(TINY, retrain_init="supernet", generations=1, export=False, measure_speedup=False)
+    res = oe.run_optembed(tiny_data, "deepfm", config, out_dir=tmp_path, log=None)
+    for name in ("optembed", "optembed_e", "optembed_d"):
+        assert res["variants"][name]["test_auc"] > 0.5, name
+    d = torch.load(tmp_path / "phases" / "retrain_d" / "model.pt", weights_only=True)
+    sup_d = torch.load(tmp_path / "phases" / "supernet_d" / "supernet.pt", weights_only=False)["state_dict"]
+    assert "embedding.threshold" not in d and "embedding.threshold" not in sup_d
+    assert res["variants"]["optembed_d"]["sparsity"] < 1

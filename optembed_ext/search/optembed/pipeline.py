@@ -341,10 +341,14 @@ class OptEmbedRun:
         self.log(f"[{name}] retraining with fixed masks (init: {c.retrain_init})")
         fresh_seed = c.seed + 1 if c.retrain_init == "fresh" else None
         torch.manual_seed(fresh_seed if fresh_seed is not None else c.seed)
-        model = build_optembed_model(self.model_name, self.fmap, c)
         if c.retrain_init == "supernet":  # warm start: fine-tune the supernet's trained weights with the masks fixed
-            model.load_state_dict(load_run_file(self.phase_dir(supernet) / "supernet.pt", "supernet")["state_dict"])
+            state = load_run_file(self.phase_dir(supernet) / "supernet.pt", "supernet")["state_dict"]
+            # the OptEmbed-D supernet has no thresholds: its model is built without them
+            model = build_optembed_model(self.model_name, self.fmap, c,
+                                         prune_rows="embedding.threshold" in state)
+            model.load_state_dict(state)
         else:
+            model = build_optembed_model(self.model_name, self.fmap, c)
             self._load_init(model, fresh_seed)
         model.embedding.freeze(row_mask, field_dims)
         result, seconds = self._fit(name, model, self.epochs("retrain"))
