@@ -57,7 +57,9 @@ def aggregate(folders: dict[int, Path]) -> list[dict]:
             vals = [float(p[k]) if p.get(k) is not None else math.nan for p in per]
             g[k] = dict(zip(("mean", "sd", "min", "max"), _stats(vals)))
         out.append(g)
-    out.sort(key=lambda g: (ORDER.index(g["method"]) if g["method"] in ORDER else len(ORDER), g["variant"]))
+    ranks = {"retrain": 0, "no-retrain": 1, "E (rows only)": 2, "D (dims only)": 3}
+    out.sort(key=lambda g: (ORDER.index(g["method"]) if g["method"] in ORDER else len(ORDER),
+                            ranks.get(g["variant"], 9), -g["num_params"]["mean"], g["variant"]))
     return out
 
 
