@@ -368,3 +368,30 @@ def test_readme_spec_example_runs(tmp_path):
     first = preprocess_generic(dict(load_spec(tmp_path / "clicks.yaml").raw, split={"by": "file"}),
                                tmp_path / "clicks.csv")
     np.testing.assert_array_equal(np.asarray(res.y)[::-1], first.y)
+
+
+def test_train_and_search_commands_take_a_spec(tmp_path, capsys):
+    """``--dataset csv --spec`` works for every command that loads data, not only ``preprocess``."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        user, ad = f"u{rng.integers(20)}", f"a{rng.integers(15)}"
+        rows.append([user, ad, str(rng.integers(0, 200)), str(rng.integers(18, 70)), "x|y", str(rng.integers(1, 6)),
+                     f"2024-01-{1 + i % 28:02d}", str(rng.integers(2)), str(rng.integers(2))])
+    path = write_table(tmp_path / "big.csv", rows=rows)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    data = ["--dataset", "csv", "--spec", str(tmp_path / "spec.yaml"), "--data-dir", str(path),
+            "--cache-dir", str(tmp_path / "cache")]
+    argv = ["train", *data, "--model", "fm", "--embed-dim", "4", "--epochs", "1", "--batch-size", "64",
+            "--no-progress", "--out", str(tmp_path / "train")]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_auc"] <= 1.0
+    # the spec's time split is kept unless --split is given; --spec without --dataset csv is refused
+    with pytest.raises(SystemExit, match="--spec applies to --dataset csv only"):
+        cli.main(["train", "--dataset", "movielens100k", "--spec", str(tmp_path / "spec.yaml"), "--out",
+                  str(tmp_path / "x")])
+    argv = ["search", *data, "--model", "fm", "--embed-dim", "4", "--supernet-epochs", "1", "--retrain-epochs", "1",
+            "--generations", "1", "--batch-size", "64", "--out", str(tmp_path / "search")]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "search" / "report.md").exists()

@@ -42,18 +42,24 @@ def _arg_int_list(value: str) -> tuple[int, ...]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dataset --data-dir --cache-dir --min-count --preset --split --data-seed --max-rows --strict --num-samples``."""
+    """``--dataset --data-dir --spec --cache-dir --min-count --preset --split --data-seed --max-rows --strict
+    --num-samples``."""
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", help="criteo, avazu, kdd12, movielens1m, movielens100k or synthetic (required)")
-    g.add_argument("--data-dir", help="folder (or file) of the raw dataset")
+    g.add_argument("--dataset", help="criteo, avazu, kdd12, movielens1m, movielens100k, synthetic, or csv (your own "
+                                     "CSV/TSV/Parquet file with --spec) (required)")
+    g.add_argument("--data-dir", help="folder (or file) of the raw dataset; for --dataset csv the file itself")
+    g.add_argument("--spec", help="--dataset csv: YAML feature spec of the file (label rule, fields, split); see "
+                                  "configs/specs/")
     g.add_argument("--cache-dir", help="folder of the preprocessing cache (encoded arrays + feature map)")
     g.add_argument("--min-count", type=int, default=None,
                    help="values seen fewer times become the field's OOV id (default: the preset's)")
     g.add_argument("--preset", default=None,
                    help="preprocessing rules: default, or paper (criteo/avazu/kdd12: the OptEmbed paper's "
                         "min count 2 and field lists, e.g. 24 Avazu fields)")
-    g.add_argument("--split", default="random", help="random or sequential train/val/test split")
-    g.add_argument("--data-seed", type=int, default=2022, help="seed of the random split / synthetic data")
+    g.add_argument("--split", default=None,
+                   help="random or sequential train/val/test split (default random; --dataset csv: the spec's)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the random split / synthetic data (default 2022; --dataset csv: the spec's)")
     g.add_argument("--max-rows", type=int, default=None, help="read at most this many raw rows")
     g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                    help="stop at the first malformed raw row instead of skipping and counting it")
@@ -165,9 +171,8 @@ def require(args: argparse.Namespace, *names: str) -> None:
 def load_data_from_args(args: argparse.Namespace, progress: bool | None = None, lazy: bool | None = None):
     """``optembed_ext.data.load_dataset`` with the options of :func:`add_data_arguments` (``lazy``: splits that
     read the cached arrays only when used)."""
-    from ..data import load_dataset
-
     require(args, "dataset")
+    spec = getattr(args, "spec", None)
     kwargs = {"cache_dir": args.cache_dir, "split": args.split, "seed": args.data_seed, "max_rows": args.max_rows,
               "strict": bool(getattr(args, "strict", False)),
               "progress": bool(getattr(args, "progress", True) if progress is None else progress)}
@@ -181,7 +186,28 @@ def load_data_from_args(args: argparse.Namespace, progress: bool | None = None, 
         if args.dataset != "synthetic":
             raise SystemExit("error: --num-samples applies to --dataset synthetic only")
         kwargs["num_samples"] = args.num_samples
-    return load_dataset(args.dataset, args.data_dir, **kwargs)
+    return load_any(args.dataset, args.data_dir, spec=spec, **kwargs)
+
+
+def load_any(dataset: str, data_dir, *, spec=None, split=None, seed=None, **kwargs):
+    """``optembed_ext.data.load_dataset``, or for ``dataset == "csv"`` the file ``data_dir`` described by the
+    feature ``spec`` (:func:`optembed_ext.data.generic.load_generic`; the spec's split and seed unless given)."""
+    if str(dataset).strip().lower() != "csv":
+        if spec is not None:
+            raise SystemExit("error: --spec applies to --dataset csv only")
+        from ..data import load_dataset
+
+        return load_dataset(dataset, data_dir, split="random" if split is None else split,
+                            seed=2022 if seed is None else seed, **kwargs)
+    if not spec or not data_dir:
+        raise SystemExit("error: --dataset csv needs --spec (the YAML feature spec) and --data-dir (the CSV, TSV or "
+                         "Parquet file it describes)")
+    unknown = set(kwargs) - {"cache_dir", "min_count", "strict", "max_rows", "progress", "lazy", "ratios"}
+    if unknown:
+        raise SystemExit(f"error: --dataset csv takes its rules from the spec; not applicable: {sorted(unknown)}")
+    from ..data.generic import load_generic
+
+    return load_generic(spec, data_dir, split=split, seed=seed, **kwargs)
 
 
 #: options that do not change a run's results: a rerun may change them and still resume

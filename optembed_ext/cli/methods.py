@@ -36,7 +36,8 @@ def load_data(args: argparse.Namespace):
         kwargs = dict(SYNTHETIC_PRESETS[args.dataset])
         if args.num_samples is not None:
             kwargs["num_samples"] = int(args.num_samples)
-        data = make_synthetic(seed=args.data_seed, split=args.split, **kwargs)
+        data = make_synthetic(seed=2022 if args.data_seed is None else args.data_seed,
+                              split=args.split or "random", **kwargs)
         data.feature_map.dataset = args.dataset
         return data
     return load_data_from_args(args, progress=False)

@@ -11,35 +11,21 @@ from ..train.config import append_log, save_json
 from .common import add_data_arguments, add_out_argument, dataset_summary, load_data_from_args, require, start_run
 
 
-#: ``--dataset`` value of a file described by a feature spec
-SPEC_DATASET = "csv"
-
-
-def _load_spec_data(args: argparse.Namespace):
-    from ..data.generic import load_generic
-
-    if not args.spec:
-        raise SystemExit("error: --dataset csv needs --spec (the YAML feature spec of the file)")
-    source = args.input or args.data_dir
-    if not source:
-        raise SystemExit("error: --dataset csv needs --input (the CSV/TSV/Parquet file the spec describes)")
-    return load_generic(args.spec, source, cache_dir=args.cache_dir, min_count=args.min_count,
-                        strict=bool(args.strict), max_rows=args.max_rows, progress=bool(args.progress),
-                        split=args.split, seed=args.data_seed, lazy=True)
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
     require(args, "dataset")
-    spec_data = args.dataset == SPEC_DATASET
-    if not spec_data:
-        if args.spec or args.input:
-            raise SystemExit(f"error: --spec and --input apply to --dataset {SPEC_DATASET} only")
-        args.split = "random" if args.split is None else args.split
-        args.data_seed = 2022 if args.data_seed is None else args.data_seed
+    if args.input:
+        if str(args.dataset).strip().lower() != "csv":
+            raise SystemExit("error: --input applies to --dataset csv only (the file the --spec describes)")
+        if args.data_dir and args.data_dir != args.input:
+            raise SystemExit("error: give the file once: --input or --data-dir")
+        args.data_dir = args.input
+    if str(args.dataset).strip().lower() == "csv" and not (args.spec and args.data_dir):
+        raise SystemExit("error: --dataset csv needs --spec (the YAML feature spec) and --input (the CSV, TSV or "
+                         "Parquet file it describes)")
     run_dir = start_run(args, "preprocess", resumable=False)
     start = time.perf_counter()
     # lazy: the summary needs the split sizes and labels, not in-memory copies of X
-    data = _load_spec_data(args) if spec_data else load_data_from_args(args, lazy=True)
+    data = load_data_from_args(args, lazy=True)
     seconds = time.perf_counter() - start
     summary = {"command": "preprocess", **dataset_summary(data), "cache_dir": args.cache_dir, "seconds": seconds}
     save_json(run_dir / "metrics.json", summary)
@@ -71,11 +57,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("preprocess", help="encode a raw dataset into the preprocessing cache",
                               description="Read a raw dataset, build the vocabularies and write the cache.")
     add_data_arguments(p)
-    g = p.add_argument_group("your own data (--dataset csv)")
-    g.add_argument("--spec", help="YAML feature spec of the file (label rule, fields, joins, split); see "
-                                  "configs/specs/")
-    g.add_argument("--input", help="the CSV, TSV or Parquet file the spec describes (default: --data-dir)")
-    p.set_defaults(split=None, data_seed=None)  # --dataset csv: the spec's split unless given
+    p.add_argument("--input", help="--dataset csv: the CSV, TSV or Parquet file the --spec describes (same as "
+                                   "--data-dir)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     add_out_argument(p)
     p.set_defaults(func=cmd_preprocess)

@@ -23,7 +23,8 @@ from .common import _field_type as _dataclass_field_type
 
 #: options of ``search`` that are not OptEmbedConfig fields (YAML key -> default)
 DATA_OPTIONS = {"dataset": None, "data_dir": None, "cache_dir": None, "model": "deepfm", "out": None,
-                "dataset_kwargs": None, "max_rows": None, "min_count": None, "data_seed": None, "resume": True}
+                "dataset_kwargs": None, "max_rows": None, "min_count": None, "data_seed": None, "spec": None,
+                "resume": True}
 
 
 def _field_type(f: dataclasses.Field):
@@ -44,7 +45,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     sup = argparse.SUPPRESS
     p.add_argument("--config", default=None, help="YAML file with the options below (long names as keys)")
     p.add_argument("--dataset", default=sup, help="dataset name (movielens100k, criteo, avazu, synthetic, ...)")
-    p.add_argument("--data-dir", default=sup, help="folder of the raw dataset files")
+    p.add_argument("--data-dir", default=sup, help="folder of the raw dataset files (--dataset csv: the file)")
+    p.add_argument("--spec", default=sup, help="--dataset csv: YAML feature spec of the file (see configs/specs/)")
     p.add_argument("--cache-dir", default=sup, help="preprocessing cache folder")
     p.add_argument("--max-rows", type=int, default=sup, help="read at most this many raw rows")
     p.add_argument("--min-count", type=int, default=sup, help="ids seen fewer times map to the OOV id")
@@ -83,7 +85,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict, OptEmbedConfig]:
 
 
 def load_data(opts: dict):
-    from ..data import load_dataset
+    from .common import load_any
 
     if not opts.get("dataset"):
         raise ValueError("--dataset is required (on the command line or in --config)")
@@ -93,7 +95,7 @@ def load_data(opts: dict):
             kwargs[key] = opts[key]
     if opts.get("data_seed") is not None:
         kwargs["seed"] = opts["data_seed"]
-    return load_dataset(opts["dataset"], opts.get("data_dir"), progress=False, **kwargs)
+    return load_any(opts["dataset"], opts.get("data_dir"), spec=opts.get("spec"), progress=False, **kwargs)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
