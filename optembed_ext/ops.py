@@ -37,6 +37,7 @@ asks for it, every function runs its reference instead.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Optional
 
@@ -235,7 +236,8 @@ def masked_embedding(weight: Tensor, indices: Tensor, threshold: Optional[Tensor
     _check_bool(sparse, "sparse")
 
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    if update is None and _FUSED_COUNT[0] and weight.requires_grad and torch.is_grad_enabled():
+    if (update is None and _FUSED_COUNT[0] and weight.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):  # a compiled graph takes update= explicitly
         update = _FUSED_UPDATES.get(weight)
     if update is not None:
         if not isinstance(update, RowUpdate):
@@ -388,8 +390,14 @@ def fuse_update(weight: Tensor, update: Optional[RowUpdate]) -> None:
     else:
         if not isinstance(update, RowUpdate):
             raise TypeError(f"update must be an optembed_ext.ops.RowUpdate, got {type(update).__name__}")
+        if weight not in _FUSED_UPDATES:
+            weakref.finalize(weight, _recount_fused)  # a table that dies unregistered leaves no stale count
         _FUSED_UPDATES[weight] = update
-    _FUSED_COUNT[0] = len(_FUSED_UPDATES)
+    _recount_fused()
+
+
+def _recount_fused() -> None:
+    _FUSED_COUNT[0] = sum(1 for _ in _FUSED_UPDATES.keys())  # live tables only
 
 
 def fused_update_of(weight: Tensor) -> Optional[RowUpdate]:

@@ -355,6 +355,8 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
                     state["last_step"] = upd.last_step
                 ops.fuse_update(p, upd)
                 self._fused.append((p, group, upd))
+        self._seen = [upd.step for _, _, upd in self._fused]  # RowUpdate steps at the last step() (stall check)
+        self._warned_stall = False
 
     def _sync(self, to_updates: bool) -> None:
         for p, group, upd in self._fused:
@@ -373,9 +375,17 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
     def step(self, closure: Callable[[], float] | None = None):
         """Applies the gradients that reached the tables outside the fused backward and makes hyper-parameter
         changes effective; returns ``closure()`` if given (its backward updates the tables)."""
+        stalled = [p for (p, _, upd), seen in zip(self._fused, self._seen) if upd.step == seen and p.grad is None]
+        if closure is None and stalled and not self._warned_stall:
+            self._warned_stall = True
+            warnings.warn(f"{len(stalled)} table(s) of this FusedBackwardOptimizer received no fused backward since "
+                          "the last step(), so they were not updated: no masked lookup into them ran with autograd "
+                          "(a graph compiled by torch.compile does not apply fused updates: run the embedding "
+                          "module eagerly, or use the fused_* optimizers that step after the backward)", stacklevel=2)
         self._sync(to_updates=False)
         loss = super().step(closure)
         self._sync(to_updates=True)
+        self._seen = [upd.step for _, _, upd in self._fused]
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -386,6 +396,7 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
         by_id = {id(p): g for p, g in zip(params, groups)}
         self._fused = [(p, by_id[id(p)], upd) for p, _, upd in self._fused]
         self._sync(to_updates=True)
+        self._seen = [upd.step for _, _, upd in self._fused]
 
     def state_dict(self) -> dict:
         self._sync(to_updates=False)
@@ -406,6 +417,7 @@ class FusedBackwardOptimizer(FusedSparseOptimizer):
             if ops.fused_update_of(p) is upd:
                 ops.fuse_update(p, None)
         self._fused = []
+        self._seen = []
 
 
 def fused_backward_factory(kind: str, lazy_weight_decay: bool | None = None) -> Callable:
