@@ -156,7 +156,8 @@ def _ms(vals):
 
 def table(work: Path, names, seeds) -> str:
     lines = ["| data set | seeds | uniform AUC | OptEmbed AUC | w/o retraining AUC | OptEmbed - uniform | "
-             "retrained - w/o | sparsity | kept rows | field dims (seed by seed) |", "|" + "---|" * 10]
+             "retrained - w/o | logloss uniform / OptEmbed / w/o | sparsity | kept rows | field dims (seed by seed) |",
+             "|" + "---|" * 11]
     rows = []
     for name in names:
         runs = {}
@@ -175,9 +176,12 @@ def table(work: Path, names, seeds) -> str:
         dims = " ; ".join("/".join(str(d) for d in r["field_dims"]) for r in runs.values())
         f = lambda v: "{:.4f} +- {:.4f}".format(*_ms(v))  # noqa: E731
         g = lambda v: "{:+.4f} +- {:.4f}".format(*_ms(v))  # noqa: E731
+        ll = " / ".join(f"{_ms(get(v, 'test_logloss'))[0]:.4f}" for v in ("uniform", "optembed", "no_retrain"))
         lines.append(f"| {name} | {', '.join(map(str, runs))} | {f(u)} | {f(o)} | {f(n)} | {g(d_ou)} | {g(d_on)} | "
+                     f"{ll} | "
                      f"{_ms(sp)[0]:.3f} +- {_ms(sp)[1]:.3f} | {_ms(kept)[0]:.3f} | {dims} |")
         rows.append({"dataset": name, "seeds": list(runs), "uniform": u, "optembed": o, "no_retrain": n,
+                     "logloss": {v: get(v, "test_logloss") for v in ("uniform", "optembed", "no_retrain")},
                      "sparsity": sp, "kept_row_share": kept,
                      "thresholds": [r.get("thresholds") for r in runs.values()],
                      "kept_rows_per_field": [r["kept_rows_per_field"] for r in runs.values()],
@@ -212,6 +216,37 @@ def planted(work: Path, seeds) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load(name: str, work: Path):
+    from optembed_ext.data import load_dataset
+
+    if name == "synthetic-ml":
+        return load_dataset("synthetic", None, seed=2022, progress=False, **SYNTHETIC_ML)
+    split = "sequential" if name == "ml100k-userdisjoint" else "random"
+    return load_dataset("movielens1m", work / "data" / name, cache_dir=work / "cache", split=split, seed=2022,
+                        progress=False)
+
+
+def unseen_rows(work: Path, names, seeds) -> str:
+    """Rows never looked up in the training split against rows that are: the share the searched row mask
+    prunes of each (the cold-start users of the user-disjoint split are such rows)."""
+    import torch
+
+    lines = ["| data set | rows never in the training split | of them pruned (by seed) | rows seen in training | "
+             "of them pruned (by seed) |", "|---|---|---|---|---|"]
+    for name in names:
+        masks = [work / "runs" / name / f"seed{s}" / "masks.pt" for s in seeds]
+        masks = [torch.load(f, weights_only=False)["row_mask"].bool() for f in masks if f.is_file()]
+        if not masks:
+            continue
+        data = _load(name, work)
+        seen = torch.zeros(data.feature_map.num_features, dtype=torch.bool)
+        seen[torch.as_tensor(data.train.X).flatten()] = True
+        un = " / ".join(f"{(~m[~seen]).float().mean():.3f}" for m in masks) if (~seen).any() else "-"
+        sn = " / ".join(f"{(~m[seen]).float().mean():.3f}" for m in masks)
+        lines.append(f"| {name} | {int((~seen).sum())} | {un} | {int(seen.sum())} | {sn} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "ml-100k"))
@@ -231,6 +266,8 @@ def main(argv=None) -> int:
             for name in args.datasets:
                 run(name, s, work, extra)
     text = table(work, args.datasets, args.seeds)
+    text += "\nRows never seen in training vs seen, share pruned by the searched row mask:\n\n" + \
+        unseen_rows(work, args.datasets, args.seeds)
     if "synthetic-ml" in args.datasets:
         text += "\nsynthetic-ml, searched row mask against the planted truth:\n\n" + planted(work, args.seeds)
     (work / "table.md").write_text(text)
