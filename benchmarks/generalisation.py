@@ -247,6 +247,40 @@ def unseen_rows(work: Path, names, seeds) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration(work: Path, names, seeds) -> str:
+    """Mean predicted CTR on the test split of the model without retraining (the supernet's weights, both masks)
+    and of the retrained one, next to the positive rate, with the retraining's best epoch."""
+    import torch
+
+    from optembed_ext.search.optembed import OptEmbedConfig, build_optembed_model
+
+    lines = ["| data set | seed | positive rate | mean predicted CTR w/o retraining | retrained | retrain best epoch |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        data = None
+        for s in seeds:
+            run = work / "runs" / name / f"seed{s}"
+            if not (run / "metrics.json").is_file():
+                continue
+            data = data if data is not None else _load(name, work)
+            cfg = OptEmbedConfig.from_dict(json.loads((run / "metrics.json").read_text())["config"])
+            masks = torch.load(run / "masks.pt", weights_only=False)
+            X = torch.as_tensor(data.test.X)
+            means = []
+            for path in (run / "phases" / "supernet" / "supernet.pt", run / "phases" / "retrain" / "model.pt"):
+                state = torch.load(path, weights_only=False)
+                model = build_optembed_model("deepfm", data.feature_map, cfg)
+                model.load_state_dict(state.get("state_dict", state))
+                model.embedding.freeze(masks["row_mask"], masks["field_dims"])
+                with torch.no_grad():
+                    means.append(float(torch.sigmoid(model.eval()(X)).mean()))
+            done = json.loads((run / "phases" / "retrain" / "metrics.json").read_text())
+            best = done.get("best_epoch", (done.get("fit") or {}).get("best_epoch"))
+            lines.append(f"| {name} | {s} | {float(data.test.y.mean()):.3f} | {means[0]:.3f} | {means[1]:.3f} | "
+                         f"{best} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "ml-100k"))
@@ -268,6 +302,7 @@ def main(argv=None) -> int:
     text = table(work, args.datasets, args.seeds)
     text += "\nRows never seen in training vs seen, share pruned by the searched row mask:\n\n" + \
         unseen_rows(work, args.datasets, args.seeds)
+    text += "\nCalibration on the test split:\n\n" + calibration(work, args.datasets, args.seeds)
     if "synthetic-ml" in args.datasets:
         text += "\nsynthetic-ml, searched row mask against the planted truth:\n\n" + planted(work, args.seeds)
     (work / "table.md").write_text(text)
