@@ -38,7 +38,9 @@
 //             cost more than the rest of the op). The lookups are stable-radix-sorted by row
 //             (O(B*F) per 11-bit digit, never O(N)), then one parallel pass over the sorted lookups sums each
 //             touched row's gradient rows in ascending lookup order and writes the row once (no atomics, no races;
-//             chunks split the lookups, not the rows, so a very frequent row cannot unbalance the threads).
+//             chunks split the lookups, not the rows; a row looked up kHotRun times or more is first summed in
+//             fixed segments of kHotSeg lookups, in parallel, whose partials its owner adds in segment order, so
+//             a very frequent row cannot unbalance the threads and the result does not depend on their number).
 //             grad_threshold / grad_oov: per-lookup STE scalars are kept in a (B*F,) buffer, then reduced per field
 //             in ascending batch order (parallel over fields).
 //   The accumulation order never depends on the thread count, so the CPU backward is always deterministic;
@@ -215,6 +217,9 @@ inline void stream_fence() {
 // Lookups ahead whose table row is prefetched: the row reads are random and latency-bound, so the loop keeps several
 // misses in flight instead of waiting for one row at a time.
 constexpr int64_t kRowPrefetchDistance = 8;
+// The sorted backward splits a row looked up at least kHotRun times into partial sums of kHotSeg lookups each.
+constexpr int64_t kHotRun = 4096;
+constexpr int64_t kHotSeg = 2048;
 
 // An out-of-range index (possible only with check_indices=False, or on the way to the error) never touches the
 // table: its output row is zeros and its norm 0. Out-of-range dims are recorded (checking) and clamped to [0, D].
@@ -374,6 +379,36 @@ inline acc_t dot_minus(const scalar_t* __restrict__ g, const scalar_t* __restric
   return tail + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
 }
 
+#if defined(__SSE2__)
+// float: dot_minus(g, w, o, k) (bit for bit: the same partial sums in the same order) and acc[j] += g[j] for j < k,
+// in one pass over g (the random-order row the sorted backward waits for).
+inline float dot_minus_accumulate(const float* __restrict__ g, const float* __restrict__ w,
+                                  const float* __restrict__ o, int64_t k, float* __restrict__ acc) {
+  int64_t j = 0;
+  __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps();
+  for (; j + 8 <= k; j += 8) {
+    const __m128 g0 = _mm_loadu_ps(g + j), g1 = _mm_loadu_ps(g + j + 4);
+    __m128 w0 = _mm_loadu_ps(w + j), w1 = _mm_loadu_ps(w + j + 4);
+    if (o != nullptr) {
+      w0 = _mm_sub_ps(w0, _mm_loadu_ps(o + j));
+      w1 = _mm_sub_ps(w1, _mm_loadu_ps(o + j + 4));
+    }
+    a0 = _mm_add_ps(a0, _mm_mul_ps(g0, w0));
+    a1 = _mm_add_ps(a1, _mm_mul_ps(g1, w1));
+    _mm_storeu_ps(acc + j, _mm_add_ps(_mm_loadu_ps(acc + j), g0));
+    _mm_storeu_ps(acc + j + 4, _mm_add_ps(_mm_loadu_ps(acc + j + 4), g1));
+  }
+  alignas(16) float part[4];
+  _mm_store_ps(part, _mm_add_ps(a0, a1));
+  float tail = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; j < k; ++j) {
+    tail += g[j] * (w[j] - (o != nullptr ? o[j] : 0.0f));
+    acc[j] += g[j];
+  }
+  return tail + 0.0f;
+}
+#endif
+
 // One lookup's contribution: adds m * g[j] (j < k) into acc[0, k) and returns its STE scalar s * H(x) (0 without
 // threshold). The norm term s * H(x) * dn/dw is NOT added here: dn/dw is a property of the row (sign(w), or w / n),
 // so callers add (sum over the row's lookups of s * H) * dn/dw once per row (add_norm_term).
@@ -391,6 +426,13 @@ inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restr
     }
     const acc_t h = step_ste_grad(x);  // NaN for NaN x, 0 for |x| > 1 (also +-inf: no STE term at all)
     if (h != acc_t(0)) {
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        if (m) {  // one pass over g: the dot product and the direct term (same sums as the two passes)
+          return dot_minus_accumulate(g, w, oov_row, k, acc) * h;
+        }
+      }
+#endif
       const acc_t s = dot_minus<scalar_t, acc_t>(g, w, oov_row, k);
       sh = s * h;
     }
@@ -427,6 +469,17 @@ inline void add_norm_term(const scalar_t* __restrict__ w, int64_t D, acc_t c, ac
   }
 }
 
+
+// Exact n / d for 0 <= n < 2^32 by a multiply-high with a 64-bit reciprocal (Lemire, Kaser, Kurz: "Faster
+// remainder by direct computation", 2019); d = 1 is handled apart (its reciprocal 2^64 does not fit).
+struct FastDiv {
+  uint64_t M;
+  uint32_t d;
+  explicit FastDiv(uint32_t d_) : M(d_ > 1 ? UINT64_C(0xFFFFFFFFFFFFFFFF) / d_ + 1 : 0), d(d_) {}
+  uint32_t div(uint32_t n) const {
+    return d > 1 ? static_cast<uint32_t>((static_cast<unsigned __int128>(M) * n) >> 64) : n;
+  }
+};
 
 struct BackwardPtrs {
   const void* g;
@@ -548,6 +601,7 @@ void backward_sorted_kernel(const Problem& pr, const BackwardPtrs& ptr, at::opma
 
   const int64_t* key = keys.data();
   const int32_t* ord = order.data();
+  const FastDiv fdiv(static_cast<uint32_t>(F));  // lookup position -> batch row without a division per lookup
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   // Prefetch for sorted lookup q: its grad_out row (random order), its table row and gradient row (ascending).
   auto prefetch_lookup = [&](int64_t q) {
@@ -557,6 +611,57 @@ void backward_sorted_kernel(const Problem& pr, const BackwardPtrs& ptr, at::opma
       if (prefetch_dst != nullptr) prefetch_row(static_cast<const scalar_t*>(prefetch_dst) + key[q] * D, row_bytes, true);
     }
   };
+  // One lookup of the sorted order: adds its gradient into acc, returns its STE scalar (and records it).
+  auto add_lookup = [&](int64_t q, const scalar_t* wr, acc_t* acc) -> acc_t {
+    const int64_t pos = ord[q];
+    const int64_t b = fdiv.div(static_cast<uint32_t>(pos));
+    const int64_t f = pos - b * F;
+    const int64_t k = ptr.dims != nullptr ? clamp_dims(ptr.dims[b * pr.dims_bstride + f], D) : D;
+    const acc_t sh = lookup_grad<kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, k, norm[pos],
+                                       kThr ? thr[f] : acc_t(0), acc);
+    if constexpr (kThr) sh_buf[pos] = sh;
+    return sh;
+  };
+
+  // Hot rows: a run of at least kHotRun lookups of one row (e.g. a missing-value id) would keep one thread busy
+  // while the others wait. Such runs are cut into segments of kHotSeg sorted lookups at fixed positions, summed in
+  // parallel into partials, and the run's owner adds the partials in segment order: deterministic, and the same
+  // result at any thread count.
+  std::vector<int64_t> hot_start, hot_end, hot_seg0, seg_lo, seg_hi;
+  for (int64_t q = 0; q < L;) {
+    int64_t e = q + 1;
+    while (e < L && key[e] == key[q]) ++e;
+    if (e - q >= kHotRun) {
+      hot_start.push_back(q);
+      hot_end.push_back(e);
+      hot_seg0.push_back(static_cast<int64_t>(seg_lo.size()));
+      for (int64_t s0 = q; s0 < e; s0 += kHotSeg) {
+        seg_lo.push_back(s0);
+        seg_hi.push_back(std::min(e, s0 + kHotSeg));
+      }
+    }
+    q = e;
+  }
+  const int64_t n_seg = static_cast<int64_t>(seg_lo.size());
+  std::vector<acc_t> seg_acc(static_cast<size_t>(n_seg * D)), seg_sh(static_cast<size_t>(n_seg));
+  if (n_seg > 0) {
+    at::parallel_for(0, n_seg, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t sg = s0; sg < s1; ++sg) {
+        acc_t* acc = seg_acc.data() + sg * D;
+        std::fill(acc, acc + D, acc_t(0));
+        const scalar_t* wr = w + key[seg_lo[sg]] * D;
+        acc_t sh_sum = 0;
+        for (int64_t q = seg_lo[sg]; q < seg_hi[sg]; ++q) {
+          if (q + kRowPrefetchDistance < seg_hi[sg]) {
+            prefetch_row(g + static_cast<int64_t>(ord[q + kRowPrefetchDistance]) * D, row_bytes, false);
+          }
+          sh_sum += add_lookup(q, wr, acc);
+        }
+        seg_sh[sg] = sh_sum;
+      }
+    });
+  }
+
   at::parallel_for(0, L, grain_for(D), [&](int64_t q0, int64_t q1) {
     std::vector<acc_t> acc(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
     // this chunk owns the rows whose first sorted lookup lies in [q0, q1)
@@ -569,16 +674,20 @@ void backward_sorted_kernel(const Problem& pr, const BackwardPtrs& ptr, at::opma
       const scalar_t* wr = w + r * D;
       acc_t sh_sum = 0;  // sum of s * H over the row's lookups (every lookup of a row has the same norm)
       const acc_t n = norm[ord[q]];
-      for (; q < L && key[q] == r; ++q) {
-        if (q + kRowPrefetchDistance < L) prefetch_lookup(q + kRowPrefetchDistance);
-        const int64_t pos = ord[q];
-        const int64_t f = pos % F;
-        const int64_t k = ptr.dims != nullptr ? clamp_dims(ptr.dims[(pos / F) * pr.dims_bstride + f], D) : D;
-        const acc_t sh = lookup_grad<kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, k, norm[pos],
-                                           kThr ? thr[f] : acc_t(0), acc.data());
-        if constexpr (kThr) {
-          sh_buf[pos] = sh;
-          sh_sum += sh;
+      const auto hot = n_seg > 0 ? std::lower_bound(hot_start.begin(), hot_start.end(), q) : hot_start.end();
+      if (hot != hot_start.end() && *hot == q) {  // a split run: its partials, in segment order
+        const size_t h = static_cast<size_t>(hot - hot_start.begin());
+        for (int64_t sg = hot_seg0[h]; sg < n_seg && seg_lo[sg] < hot_end[h]; ++sg) {
+          const acc_t* part = seg_acc.data() + sg * D;
+          for (int64_t j = 0; j < D; ++j) acc[j] += part[j];
+          sh_sum += seg_sh[sg];
+        }
+        q = hot_end[h];
+        if (q < L) prefetch_lookup(q);
+      } else {
+        for (; q < L && key[q] == r; ++q) {
+          if (q + kRowPrefetchDistance < L) prefetch_lookup(q + kRowPrefetchDistance);
+          sh_sum += add_lookup(q, wr, acc.data());
         }
       }
       if constexpr (kThr) add_norm_term<P>(wr, D, sh_sum, n, acc.data());

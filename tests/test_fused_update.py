@@ -208,3 +208,46 @@ def test_deterministic_algorithms_select_the_deterministic_path(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(prev)
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_hot_row_split_matches_reference_and_is_thread_independent(device, kind):
+    """A row looked up 5,000 times in a batch (more than the CPU kernel's split length 4,096): its run is summed
+    in fixed segments whose partials are added in order; the result matches the unfused step and does not depend
+    on the thread count (dense backward and fused update)."""
+    gen = torch.Generator().manual_seed(8)
+    N, D, B, nf = 300, 12, 2500, 3
+    w0 = torch.randn(N, D, generator=gen)
+    idx = torch.randint(0, N, (B, nf), generator=gen)
+    idx[:, 0] = 7
+    idx[: B // 2, 2] = 7  # row 7: 3,750 + 1,250 = 5,000 lookups
+    thr = torch.tensor([3.0, 9.0, 6.0])
+    dims = torch.randint(1, D + 1, (B, nf), generator=gen)
+    grad_out = torch.randn(B, nf, D, generator=gen)
+    lr = 0.05
+    s1 = torch.zeros(N) if kind == "adagrad" else None
+    exp_w, exp_gt, _, _, _ = _expected_step(w0, idx, thr, dims, 1, None, grad_out, kind, lr, 1e-8, (0.9, 0.999),
+                                            0.0, s1=s1.double() if s1 is not None else None)
+    results = []
+    threads0 = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            w = w0.clone().to(device).requires_grad_(True)
+            upd = ops.RowUpdate(w.detach(), kind, lr=lr)
+            t = thr.clone().to(device).requires_grad_(True)
+            ops.masked_embedding(w, idx.to(device), t, dims.to(device), 1, None, update=upd).backward(
+                grad_out.to(device))
+            wd = w0.clone().to(device).requires_grad_(True)
+            ops.masked_embedding(wd, idx.to(device), thr.to(device), dims.to(device), 1, None,
+                                 deterministic=True).backward(grad_out.to(device))
+            results.append((w.detach().cpu(), t.grad.cpu(), wd.grad.cpu()))
+    finally:
+        torch.set_num_threads(threads0)
+    torch.testing.assert_close(results[0][0].double(), exp_w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][1].double(), exp_gt, rtol=1e-4, atol=1e-3)
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    if kind == "sgd":  # the dense gradient of the hot row: (w0 - w_new) / lr
+        torch.testing.assert_close(results[0][2][7].double(), (w0[7].double() - exp_w[7]) / lr, rtol=1e-4,
+                                   atol=1e-3)

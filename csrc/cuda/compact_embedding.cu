@@ -53,13 +53,13 @@ __device__ __forceinline__ bool field_ok(const int64_t* __restrict__ offs, const
   return o0 >= 0 && o0 <= o1 && o1 <= P && d >= 0 && d <= D && (d == 0 ? o1 == o0 : (o1 - o0) % d == 0);
 }
 
-template <typename remap_t>
+template <typename remap_t, typename id_t>
 __device__ __forceinline__ int64_t resolve_row(const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
-                                               const remap_t* __restrict__ remap, const int64_t* __restrict__ indices,
+                                               const remap_t* __restrict__ remap, const id_t* __restrict__ indices,
                                                int64_t pos, int64_t f, int64_t N, int64_t P, int64_t D,
                                                int64_t* errors, bool report) {
   if (!field_ok(offs, dims, f, P, D)) return -2;
-  const int64_t id = indices[pos];
+  const int64_t id = static_cast<int64_t>(indices[pos]);
   bool ok = id >= 0 && id < N;
   int64_t r = -2;
   if (ok) {
@@ -78,10 +78,10 @@ __device__ __forceinline__ int64_t resolve_row(const int64_t* __restrict__ offs,
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
-template <typename scalar_t, typename remap_t, bool HAS_OOV, int VEC>
+template <typename scalar_t, typename remap_t, typename id_t, bool HAS_OOV, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) compact_embedding_forward_kernel(
     const scalar_t* __restrict__ packed, const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
-    const remap_t* __restrict__ remap, const int64_t* __restrict__ indices, const scalar_t* __restrict__ oov,
+    const remap_t* __restrict__ remap, const id_t* __restrict__ indices, const scalar_t* __restrict__ oov,
     scalar_t* __restrict__ out, int64_t* __restrict__ errors, int64_t R, int64_t F, int64_t D, int64_t N, int64_t P,
     int G) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -123,10 +123,10 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_forward_kerne
 // ---------------------------------------------------------------------------------------------------------
 // Backward, deterministic: destination keys, then a segment reduction over the stably sorted keys
 // ---------------------------------------------------------------------------------------------------------
-template <typename remap_t, bool HAS_OOV>
+template <typename remap_t, typename id_t, bool HAS_OOV>
 __global__ void compact_embedding_keys_kernel(const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
                                               const remap_t* __restrict__ remap,
-                                              const int64_t* __restrict__ indices, int64_t* __restrict__ keys,
+                                              const id_t* __restrict__ indices, int64_t* __restrict__ keys,
                                               int64_t R, int64_t F, int64_t N, int64_t P, int64_t D) {
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= R) return;
@@ -186,10 +186,10 @@ __global__ void __launch_bounds__(kBlockThreads) compact_embedding_segment_kerne
 // ---------------------------------------------------------------------------------------------------------
 // Backward, fast: atomics into acc_t buffers
 // ---------------------------------------------------------------------------------------------------------
-template <typename scalar_t, typename remap_t, bool HAS_OOV, int VEC>
+template <typename scalar_t, typename remap_t, typename id_t, bool HAS_OOV, int VEC>
 __global__ void __launch_bounds__(kBlockThreads) compact_embedding_atomic_kernel(
     const scalar_t* __restrict__ grad_out, const int64_t* __restrict__ offs, const int64_t* __restrict__ dims,
-    const remap_t* __restrict__ remap, const int64_t* __restrict__ indices,
+    const remap_t* __restrict__ remap, const id_t* __restrict__ indices,
     at::opmath_type<scalar_t>* __restrict__ acc_packed, at::opmath_type<scalar_t>* __restrict__ acc_oov, int64_t R,
     int64_t F, int64_t D, int64_t N, int64_t P, int G) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -243,7 +243,7 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
   const at::Tensor offs_c = field_offsets.contiguous();
   const at::Tensor dims_c = field_dims.contiguous();
   const at::Tensor remap_c = remap.contiguous();
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor idx = indices.contiguous();  // int32 or int64: the kernels are templated on the id type
   const at::Tensor oov_c = oov.has_value() ? oov->contiguous() : at::Tensor();
   at::Tensor errors = check_indices ? make_error_slots(1, packed) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -254,16 +254,20 @@ at::Tensor compact_embedding_forward_cuda(const at::Tensor& packed, const at::Te
                         (!oov_c.defined() || aligned16(oov_c.const_data_ptr()));
     OPTEMBED_DISPATCH_INDEX(remap_c.scalar_type(), "compact_embedding: remap", [&] {
       using remap_t = index_t;
-      OPTEMBED_BOOL_SWITCH(oov_c.defined(), kHasOov, [&] {
-        OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
-          constexpr int V = kVecOk ? kVec : 1;
-          const GroupLaunch L = group_launch(R, D, V, "compact_embedding");
-          compact_embedding_forward_kernel<scalar_t, remap_t, kHasOov, V><<<L.blocks, kBlockThreads, 0, stream>>>(
-              packed_c.const_data_ptr<scalar_t>(), offs_c.const_data_ptr<int64_t>(),
-              dims_c.const_data_ptr<int64_t>(), remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<int64_t>(),
-              kHasOov ? oov_c.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-              errors.defined() ? errors.mutable_data_ptr<int64_t>() : nullptr, R, F, D, N, P, L.G);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+      OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "compact_embedding: indices", [&] {
+        using id_t = index_t;
+        OPTEMBED_BOOL_SWITCH(oov_c.defined(), kHasOov, [&] {
+          OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
+            constexpr int V = kVecOk ? kVec : 1;
+            const GroupLaunch L = group_launch(R, D, V, "compact_embedding");
+            compact_embedding_forward_kernel<scalar_t, remap_t, id_t, kHasOov, V>
+                <<<L.blocks, kBlockThreads, 0, stream>>>(
+                    packed_c.const_data_ptr<scalar_t>(), offs_c.const_data_ptr<int64_t>(),
+                    dims_c.const_data_ptr<int64_t>(), remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<id_t>(),
+                    kHasOov ? oov_c.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+                    errors.defined() ? errors.mutable_data_ptr<int64_t>() : nullptr, R, F, D, N, P, L.G);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     });
@@ -311,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
   const at::Tensor offs_c = field_offsets.contiguous();
   const at::Tensor dims_c = field_dims.contiguous();
   const at::Tensor remap_c = remap.contiguous();
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor idx = indices.contiguous();  // int32 or int64: the kernels are templated on the id type
   const bool has_oov = oov.has_value();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -321,13 +325,15 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
     const bool vec_ok = D % kVec == 0 && aligned16(g.const_data_ptr());  // packed stores: decided per field
     OPTEMBED_DISPATCH_INDEX(remap_c.scalar_type(), "compact_embedding: remap", [&] {
       using remap_t = index_t;
+      OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "compact_embedding: indices", [&] {
+      using id_t = index_t;
       OPTEMBED_BOOL_SWITCH(has_oov, kHasOov, [&] {
         if (deterministic) {
-          at::Tensor keys = at::empty({R}, idx.options());
-          compact_embedding_keys_kernel<remap_t, kHasOov>
+          at::Tensor keys = at::empty({R}, idx.options().dtype(at::kLong));
+          compact_embedding_keys_kernel<remap_t, id_t, kHasOov>
               <<<static_cast<unsigned>(ceil_div(R, kBlockThreads)), kBlockThreads, 0, stream>>>(
                   offs_c.const_data_ptr<int64_t>(), dims_c.const_data_ptr<int64_t>(),
-                  remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<int64_t>(), keys.mutable_data_ptr<int64_t>(),
+                  remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<id_t>(), keys.mutable_data_ptr<int64_t>(),
                   R, F, N, P, D);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           // Stable: equal destinations keep ascending lookup order.
@@ -351,9 +357,9 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
           OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
             constexpr int V = kVecOk ? kVec : 1;
             const GroupLaunch L = group_launch(R, D, V, "compact_embedding");
-            compact_embedding_atomic_kernel<scalar_t, remap_t, kHasOov, V><<<L.blocks, kBlockThreads, 0, stream>>>(
+            compact_embedding_atomic_kernel<scalar_t, remap_t, id_t, kHasOov, V><<<L.blocks, kBlockThreads, 0, stream>>>(
                 g.const_data_ptr<scalar_t>(), offs_c.const_data_ptr<int64_t>(), dims_c.const_data_ptr<int64_t>(),
-                remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<int64_t>(), acc_packed.mutable_data_ptr<acc_t>(),
+                remap_c.const_data_ptr<remap_t>(), idx.const_data_ptr<id_t>(), acc_packed.mutable_data_ptr<acc_t>(),
                 kHasOov ? acc_oov.mutable_data_ptr<acc_t>() : nullptr, R, F, D, N, P, L.G);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -362,6 +368,7 @@ std::tuple<at::Tensor, at::Tensor> compact_embedding_backward_cuda(
             if (kHasOov) grad_oov.copy_(acc_oov);
           }
         }
+      });
       });
     });
   });

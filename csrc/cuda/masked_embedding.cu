@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "lazy_decay.cuh"
 #include "sort_rows.cuh"
 #include "sparse_row_update.h"
 
@@ -307,11 +308,11 @@ __global__ void __launch_bounds__(kBlockThreads) segment_update_rows_kernel(
     const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
     const at::opmath_type<scalar_t>* __restrict__ pos_grad, scalar_t* __restrict__ weight,
     at::opmath_type<scalar_t>* __restrict__ state1, at::opmath_type<scalar_t>* __restrict__ state2,
-    UpdateHyper hp, int64_t R, int64_t N, int64_t D, int G) {
+    UpdateHyper hp, const LazyDecay lazy, int64_t R, int64_t N, int64_t D, int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
-  // Every lane reaches the row-wise Adagrad shuffle: no early return before it.
+  // Every lane reaches the shuffles (lazy decay, row-wise Adagrad): no early return before them.
   int64_t row = -1, end = 0;
   if (i < R) {
     row = sorted_rows[i];
@@ -325,6 +326,18 @@ __global__ void __launch_bounds__(kBlockThreads) segment_update_rows_kernel(
   const int64_t units = D / VEC;
   const acc_t wd = static_cast<acc_t>(hp.wd), lr = static_cast<acc_t>(hp.lr), eps = static_cast<acc_t>(hp.eps);
   scalar_t* wrow = weight + (row >= 0 ? row : 0) * D;
+  // Lazy weight decay: catch the row up on the steps it skipped before its update reads it (lazy_decay.cuh).
+  if (lazy.last != nullptr) {
+    const int64_t k = catch_up_steps(lazy, row >= 0, row >= 0 ? row : 0, lane, G);
+    if (hp.opt == 1) {
+      catch_up_adagrad<VEC>(lazy, k, wrow, state1, row, D, units, lane, G);
+    } else if (k > 0 && hp.opt == 2) {
+      catch_up_units<true, VEC>(lazy, k, wrow, state1 + row * D, state2 + row * D, units, lane, G);
+    } else if (k > 0) {
+      catch_up_units<false, VEC>(lazy, k, wrow, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), units,
+                                 lane, G);
+    }
+  }
   acc_t mult = lr;
   if (hp.opt == 1) {  // row-wise Adagrad: state1[row] += mean(g^2) over the full row
     acc_t sq = acc_t(0);
@@ -342,11 +355,13 @@ __global__ void __launch_bounds__(kBlockThreads) segment_update_rows_kernel(
       }
     }
     sq = group_sum(sq, G);
-    if (row >= 0) {
+    // state1[row] is read and written by lane 0 only; the other lanes get the multiplier by shuffle.
+    if (row >= 0 && lane == 0) {
       const acc_t acc = state1[row] + sq / static_cast<acc_t>(D);
       mult = lr / (acc_sqrt(acc) + eps);
-      if (lane == 0) state1[row] = acc;
+      state1[row] = acc;
     }
+    mult = __shfl_sync(0xffffffffu, mult, 0, G);
   }
   if (row < 0) return;
   const acc_t beta1 = static_cast<acc_t>(hp.beta1), beta2 = static_cast<acc_t>(hp.beta2);
@@ -529,6 +544,62 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_forward_cuda(const at::Tenso
   return {out, norm};
 }
 
+// Kernel A for both backwards (the plain one and the one with the update fused in): dispatch on the index type,
+// p, dims / oov presence and the vector width, then one launch. pos_grad (R, D) or atomic_grad (N, D) receives the
+// rows (the other undefined); pos_tgrad (R,) the STE scalars when there is a threshold.
+template <typename scalar_t>
+void launch_backward_rows(const Shapes& s, int64_t p, const at::Tensor& g, const at::Tensor& w, const at::Tensor& idx,
+                          const at::Tensor& nrm, const at::Tensor& thr, const at::Tensor& dm, int64_t dims_stride_b,
+                          const at::Tensor& oov, const at::Tensor& pos_grad, const at::Tensor& atomic_grad,
+                          const at::Tensor& pos_tgrad, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t R = s.B * s.F;
+  constexpr int kVec = vec_width<scalar_t>();
+  const bool vec_ok = s.D % kVec == 0 && aligned16(w.data_ptr()) && aligned16(g.data_ptr()) &&
+                      (!oov.defined() || aligned16(oov.data_ptr()));
+  OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "masked_embedding: indices", [&] {
+    OPTEMBED_P_SWITCH(p, kP, [&] {
+      OPTEMBED_BOOL_SWITCH(dm.defined(), kHasDims, [&] {
+        OPTEMBED_BOOL_SWITCH(oov.defined(), kHasOov, [&] {
+          OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
+            constexpr int V = kVecOk ? kVec : 1;
+            const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
+            masked_embedding_backward_rows_kernel<scalar_t, index_t, kP, kHasDims, kHasOov, V>
+                <<<L.blocks, kBlockThreads, 0, stream>>>(
+                    g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), nrm.data_ptr<acc_t>(),
+                    thr.defined() ? thr.data_ptr<acc_t>() : nullptr, dm.defined() ? dm.data_ptr<int64_t>() : nullptr,
+                    dims_stride_b, oov.defined() ? oov.data_ptr<scalar_t>() : nullptr,
+                    pos_grad.defined() ? pos_grad.data_ptr<acc_t>() : nullptr,
+                    atomic_grad.defined() ? atomic_grad.data_ptr<acc_t>() : nullptr,
+                    pos_tgrad.defined() ? pos_tgrad.data_ptr<acc_t>() : nullptr, R, s.F, s.N, s.D, L.G);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  });
+}
+
+// Kernel C for both backwards: per-(field, column, batch chunk) partial sums, then their sum into grad_oov.
+template <typename scalar_t>
+void launch_oov_grad(const Shapes& s, const at::Tensor& g, const at::Tensor& nrm, const at::Tensor& thr,
+                     const at::Tensor& dm, int64_t dims_stride_b, at::Tensor& grad_oov, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int threads = static_cast<int>(std::min<int64_t>(kBlockThreads, ceil_div(s.D, 32) * 32));
+  const int64_t chunk = std::max<int64_t>(32, ceil_div(s.B, 4096));
+  const int64_t chunks = ceil_div(s.B, chunk);
+  at::Tensor partial = at::empty({chunks, s.F, s.D}, nrm.options());
+  TORCH_CHECK(ceil_div(s.D, threads) <= std::numeric_limits<int>::max(), "masked_embedding: D too large");
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.D, threads)), static_cast<unsigned>(std::min<int64_t>(s.F, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
+  masked_embedding_oov_grad_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+      g.data_ptr<scalar_t>(), nrm.data_ptr<acc_t>(), thr.data_ptr<acc_t>(),
+      dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b, partial.data_ptr<acc_t>(), s.B, s.F, s.D, chunk,
+      chunks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  grad_oov.copy_(partial.sum(0));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& norm,
     const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& dims, int64_t p,
@@ -579,30 +650,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
 
   OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "masked_embedding_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kVec = vec_width<scalar_t>();
-    const bool vec_ok = s.D % kVec == 0 && aligned16(w.data_ptr()) && aligned16(g.data_ptr()) &&
-                        (!oov.defined() || aligned16(oov.data_ptr()));
-    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "masked_embedding: indices", [&] {
-    OPTEMBED_P_SWITCH(p, kP, [&] {
-      OPTEMBED_BOOL_SWITCH(dims.has_value(), kHasDims, [&] {
-        OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
-          OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
-            constexpr int V = kVecOk ? kVec : 1;
-            const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
-            masked_embedding_backward_rows_kernel<scalar_t, index_t, kP, kHasDims, kHasOov, V>
-                <<<L.blocks, kBlockThreads, 0, stream>>>(
-                    g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), nrm.data_ptr<acc_t>(),
-                    thr.defined() ? thr.data_ptr<acc_t>() : nullptr, dm.defined() ? dm.data_ptr<int64_t>() : nullptr,
-                    dims_stride_b, oov.defined() ? oov.data_ptr<scalar_t>() : nullptr,
-                    pos_grad.defined() ? pos_grad.data_ptr<acc_t>() : nullptr,
-                    atomic_grad.defined() ? atomic_grad.data_ptr<acc_t>() : nullptr,
-                    pos_tgrad.defined() ? pos_tgrad.data_ptr<acc_t>() : nullptr, R, s.F, s.N, s.D, L.G);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        });
-      });
-    });
-    });
+    launch_backward_rows<scalar_t>(s, p, g, w, idx, nrm, thr, dm, dims_stride_b, oov, pos_grad, atomic_grad,
+                                   pos_tgrad, stream);
 
     if (sorted_dense) {
       // Stable sort by row (equal rows keep ascending position order), hot runs split into chunks, then one
@@ -627,19 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_embedding_backward_cuda(
 
     if (oov_weight.has_value() && threshold.has_value()) {
       // Without a threshold every row is kept and grad_oov stays zero.
-      const int threads = static_cast<int>(std::min<int64_t>(kBlockThreads, ceil_div(s.D, 32) * 32));
-      const int64_t chunk = std::max<int64_t>(32, ceil_div(s.B, 4096));
-      const int64_t chunks = ceil_div(s.B, chunk);
-      at::Tensor partial = at::empty({chunks, s.F, s.D}, weight.options().dtype(acc_type));
-      const dim3 grid(static_cast<unsigned>(ceil_div(s.D, threads)), static_cast<unsigned>(std::min<int64_t>(s.F, 65535)),
-                      static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
-      TORCH_CHECK(ceil_div(s.D, threads) <= std::numeric_limits<int>::max(), "masked_embedding: D too large");
-      masked_embedding_oov_grad_kernel<scalar_t><<<grid, threads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), nrm.data_ptr<acc_t>(), thr.data_ptr<acc_t>(),
-          dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b, partial.data_ptr<acc_t>(), s.B, s.F, s.D,
-          chunk, chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_oov.copy_(partial.sum(0));
+      launch_oov_grad<scalar_t>(s, g, nrm, thr, dm, dims_stride_b, grad_oov, stream);
     }
   });
 
@@ -661,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
     const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& dims, int64_t p,
     const std::optional<at::Tensor>& oov_weight, std::optional<at::Tensor> state1, std::optional<at::Tensor> state2,
     c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2, double weight_decay,
-    int64_t step) {
+    int64_t step, std::optional<at::Tensor> last_step) {
   const Shapes s = check_inputs(weight, indices, threshold, dims, p, oov_weight);
   TORCH_CHECK(weight.is_contiguous(), "masked_embedding_backward_update: weight must be contiguous (updated in place)");
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == s.B && grad_out.size(1) == s.F && grad_out.size(2) == s.D,
@@ -673,6 +710,10 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
   const at::Tensor g = grad_out.contiguous();
   sparse_row_update_check(weight, indices.reshape({-1}), g.view({-1, s.D}), state1, state2, optimizer, lr, eps, beta1,
                           beta2, weight_decay, step);
+  check_last_step(last_step, weight, step, "masked_embedding_backward_update");
+  const LazyDecay lazy = LazyDecay::make(
+      (last_step.has_value() && last_step->defined()) ? last_step->mutable_data_ptr<int64_t>() : nullptr, step, lr,
+      weight_decay, beta1, beta2, eps);
   const RowOptimizer opt = parse_optimizer(optimizer);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::ScalarType acc_type = acc_type_of(weight.scalar_type());
@@ -700,43 +741,11 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
 
   OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "masked_embedding_backward_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kVec = vec_width<scalar_t>();
-    const bool vec_ok = s.D % kVec == 0 && aligned16(weight.data_ptr()) && aligned16(g.data_ptr()) &&
-                        (!oov.defined() || aligned16(oov.data_ptr()));
-    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "masked_embedding: indices", [&] {
-    OPTEMBED_P_SWITCH(p, kP, [&] {
-      OPTEMBED_BOOL_SWITCH(dims.has_value(), kHasDims, [&] {
-        OPTEMBED_BOOL_SWITCH(oov_weight.has_value(), kHasOov, [&] {
-          OPTEMBED_BOOL_SWITCH(vec_ok, kVecOk, [&] {
-            constexpr int V = kVecOk ? kVec : 1;
-            const GroupLaunch L = group_launch(R, s.D, V, "masked_embedding");
-            masked_embedding_backward_rows_kernel<scalar_t, index_t, kP, kHasDims, kHasOov, V>
-                <<<L.blocks, kBlockThreads, 0, stream>>>(
-                    g.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
-                    nrm.data_ptr<acc_t>(), thr.defined() ? thr.data_ptr<acc_t>() : nullptr,
-                    dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b,
-                    oov.defined() ? oov.data_ptr<scalar_t>() : nullptr, pos_grad.data_ptr<acc_t>(), nullptr,
-                    pos_tgrad.defined() ? pos_tgrad.data_ptr<acc_t>() : nullptr, R, s.F, s.N, s.D, L.G);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        });
-      });
-    });
-    });
+    launch_backward_rows<scalar_t>(s, p, g, weight, idx, nrm, thr, dm, dims_stride_b, oov, pos_grad, at::Tensor(),
+                                   pos_tgrad, stream);
     // grad_oov reads only grad_out and the norms: computed before the rows change (stream order anyway)
     if (oov_weight.has_value() && threshold.has_value()) {
-      const int threads = static_cast<int>(std::min<int64_t>(kBlockThreads, ceil_div(s.D, 32) * 32));
-      const int64_t chunk = std::max<int64_t>(32, ceil_div(s.B, 4096));
-      const int64_t chunks = ceil_div(s.B, chunk);
-      at::Tensor partial = at::empty({chunks, s.F, s.D}, weight.options().dtype(acc_type));
-      const dim3 grid(static_cast<unsigned>(ceil_div(s.D, threads)), static_cast<unsigned>(std::min<int64_t>(s.F, 65535)),
-                      static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
-      masked_embedding_oov_grad_kernel<scalar_t><<<grid, threads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), nrm.data_ptr<acc_t>(), thr.data_ptr<acc_t>(),
-          dm.defined() ? dm.data_ptr<int64_t>() : nullptr, dims_stride_b, partial.data_ptr<acc_t>(), s.B, s.F, s.D,
-          chunk, chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_oov.copy_(partial.sum(0));
+      launch_oov_grad<scalar_t>(s, g, nrm, thr, dm, dims_stride_b, grad_oov, stream);
     }
     const auto sorted = sort_rows(idx.view({R}), s.N, stream);
     const at::Tensor& sorted_rows = std::get<0>(sorted);
@@ -753,7 +762,7 @@ std::tuple<at::Tensor, at::Tensor> masked_embedding_backward_update_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       segment_update_rows_kernel<scalar_t, V><<<L.blocks, kBlockThreads, 0, stream>>>(
           sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), pos_grad.data_ptr<acc_t>(),
-          weight.data_ptr<scalar_t>(), s1, s2, hp, R, s.N, s.D, L.G);
+          weight.data_ptr<scalar_t>(), s1, s2, hp, lazy, R, s.N, s.D, L.G);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -29,12 +29,32 @@ namespace cuda {
 
 constexpr int64_t kRowChunk = 32;
 
-// (sorted_rows, order): keys in [0, N] (N = an out-of-range id) and the positions, both int64 (R,).
+// keys[i] = ids[i] (N for an id outside [0, N)), pos[i] = i: the sort's input, read from int32 or int64 ids as they
+// are (no int64 copy of the ids first).
+template <typename index_t>
+__global__ void row_keys_kernel(const index_t* __restrict__ ids, int64_t R, int64_t N, int64_t* __restrict__ keys,
+                                int64_t* __restrict__ pos) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= R) return;
+  const int64_t r = static_cast<int64_t>(ids[i]);
+  keys[i] = (r < 0 || r >= N) ? N : r;
+  pos[i] = i;
+}
+
+// (sorted_rows, order): keys in [0, N] (N = an out-of-range id) and the positions, both int64 (R,). flat_ids: int32
+// or int64, any layout.
 inline std::tuple<at::Tensor, at::Tensor> sort_rows(const at::Tensor& flat_ids, int64_t N, cudaStream_t stream) {
   const int64_t R = flat_ids.numel();
-  const at::Tensor ids = flat_ids.to(at::kLong);
-  const at::Tensor keys_in = at::where(ids.lt(0).logical_or(ids.ge(N)), at::full({}, N, ids.options()), ids).contiguous();
-  const at::Tensor pos_in = at::arange(R, ids.options());
+  const at::Tensor ids = flat_ids.contiguous();
+  const at::Tensor keys_in = at::empty({R}, ids.options().dtype(at::kLong));
+  const at::Tensor pos_in = at::empty({R}, ids.options().dtype(at::kLong));
+  if (R > 0) {
+    OPTEMBED_DISPATCH_INDEX(ids.scalar_type(), "sort_rows: ids", [&] {
+      row_keys_kernel<index_t><<<static_cast<unsigned>(ceil_div(R, kBlockThreads)), kBlockThreads, 0, stream>>>(
+          ids.const_data_ptr<index_t>(), R, N, keys_in.mutable_data_ptr<int64_t>(), pos_in.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   at::Tensor keys_out = at::empty_like(keys_in);
   at::Tensor pos_out = at::empty_like(pos_in);
   int end_bit = 1;

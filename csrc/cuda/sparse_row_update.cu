@@ -30,6 +30,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "lazy_decay.cuh"
 #include "sort_rows.cuh"
 #include "sparse_row_update.h"
 
@@ -38,11 +39,12 @@ namespace optembed {
 namespace cuda {
 namespace {
 
-__global__ void validate_indices_kernel(const int64_t* __restrict__ indices, int64_t M, int64_t N,
+template <typename index_t>
+__global__ void validate_indices_kernel(const index_t* __restrict__ indices, int64_t M, int64_t N,
                                         int64_t* __restrict__ errors) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M) return;
-  const int64_t r = indices[i];
+  const int64_t r = static_cast<int64_t>(indices[i]);
   if (r < 0 || r >= N) record_error(errors, i);
 }
 
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
     scalar_t* __restrict__ weight, const scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ state1,
     at::opmath_type<scalar_t>* __restrict__ state2, const int64_t* __restrict__ sorted_rows,
     const int64_t* __restrict__ order, const at::opmath_type<scalar_t>* __restrict__ part, int64_t M, int64_t N,
-    int64_t D, const Hyper<at::opmath_type<scalar_t>> h, int G) {
+    int64_t D, const Hyper<at::opmath_type<scalar_t>> h, const LazyDecay lazy, int G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) & (G - 1);
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
@@ -147,6 +149,18 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
   }
   scalar_t* wrow = weight + r * D;
   const int64_t units = D / VEC;
+  // Lazy weight decay: catch the row up on the steps it skipped before its update reads it (lazy_decay.cuh).
+  if (lazy.last != nullptr) {
+    const int64_t k = catch_up_steps(lazy, head, r, lane, G);
+    if constexpr (OPT == RowOptimizer::kAdagrad) {
+      catch_up_adagrad<VEC>(lazy, k, wrow, state1, r, D, units, lane, G);
+    } else if (k > 0) {
+      catch_up_units<OPT == RowOptimizer::kAdam, VEC>(lazy, k, wrow, OPT == RowOptimizer::kAdam ? state1 + r * D
+                                                                                             : nullptr,
+                                                      OPT == RowOptimizer::kAdam ? state2 + r * D : nullptr, units,
+                                                      lane, G);
+    }
+  }
 
   if constexpr (OPT == RowOptimizer::kAdagrad) {
     // Pass 1: sum_j g[j]^2 over the row (every lane of the warp reaches the shuffles below).
@@ -224,23 +238,30 @@ __global__ void __launch_bounds__(kBlockThreads) sparse_row_update_kernel(
 void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const at::Tensor& grad_rows,
                             c10::optional<at::Tensor> state1, c10::optional<at::Tensor> state2,
                             c10::string_view optimizer_sv, double lr, double eps, double beta1, double beta2,
-                            double weight_decay, int64_t step, bool check_indices) {
+                            double weight_decay, int64_t step, bool check_indices,
+                            c10::optional<at::Tensor> last_step) {
   const std::string optimizer(optimizer_sv.data(), optimizer_sv.size());
   sparse_row_update_check(weight, indices, grad_rows, state1, state2, optimizer, lr, eps, beta1, beta2, weight_decay,
                           step);
+  check_last_step(last_step, weight, step, "sparse_row_update");
+  const LazyDecay lazy = LazyDecay::make(
+      (last_step.has_value() && last_step->defined()) ? last_step->mutable_data_ptr<int64_t>() : nullptr, step, lr,
+      weight_decay, beta1, beta2, eps);
   const RowOptimizer opt = parse_optimizer(optimizer);
   const int64_t N = weight.size(0), D = weight.size(1), M = indices.size(0);
   if (M == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor idx = indices.contiguous();  // int32 or int64, read as they are (no int64 copy)
 
   // 1. validate before touching anything (check_indices=False: out-of-range rows are skipped by the kernel)
   if (check_indices) {
     at::Tensor errors = make_error_slots(1, weight);
-    validate_indices_kernel<<<static_cast<unsigned>(ceil_div(M, kBlockThreads)), kBlockThreads, 0, stream>>>(
-        idx.const_data_ptr<int64_t>(), M, N, errors.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "sparse_row_update: indices", [&] {
+      validate_indices_kernel<index_t><<<static_cast<unsigned>(ceil_div(M, kBlockThreads)), kBlockThreads, 0, stream>>>(
+          idx.const_data_ptr<index_t>(), M, N, errors.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     const int64_t bad = read_error_slots(errors)[0];
     if (bad != kNoError) {
       const int64_t r = idx.select(0, bad).item<int64_t>();
@@ -300,7 +321,7 @@ void sparse_row_update_cuda(at::Tensor weight, const at::Tensor& indices, const 
         sparse_row_update_kernel<scalar_t, kOpt, V><<<L.blocks, kBlockThreads, 0, stream>>>(
             weight.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), s1, s2,
             sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), part.const_data_ptr<acc_t>(), M,
-            N, D, h, L.G);
+            N, D, h, lazy, L.G);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     };
