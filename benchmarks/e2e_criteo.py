@@ -1,18 +1,23 @@
 """OptEmbed end to end on generated Criteo rows (paper preprocessing), checked against the planted label model.
 
-Step 1 (shell; the full run this benchmark is meant for: 5M rows of the full-size generated file):
+Step 1 (shell): the search on the first 5M rows of the full-size generated file, bounded for a 2-core machine
+(one epoch per phase capped at 250 steps of 2048 samples, 3 generations; the 8:1:1 split replaced by 96:2:2 so
+that the evolution scores its candidates on 100,000 validation rows; no uniform baseline, no export):
 
     optembed generate --format criteo --rows 45840617 --out /tmp/criteo/train.txt        # ~11 GB
     optembed search --dataset criteo --data-dir /tmp/criteo/train.txt --max-rows 5000000 \\
-        --cache-dir /tmp/criteo/cache --dataset-kwargs '{preset: paper}' --model deepfm \\
-        --model-cfg '{mlp_dims: [256, 128]}' --epochs 1 --batch-size 2048 --generations 5 \\
-        --optimizer fused_adam --out /tmp/criteo/run5m
+        --cache-dir /tmp/criteo/cache5m --dataset-kwargs '{preset: paper, ratios: [0.96, 0.02, 0.02]}' \\
+        --model deepfm --model-cfg '{mlp_dims: [256, 128]}' --epochs 1 --max-steps-per-epoch 250 \\
+        --batch-size 2048 --generations 3 --optimizer fused_adam --threshold-lr 10 --baseline false \\
+        --export false --measure-speedup false --out /tmp/criteo/run5m
 
 Step 2 (this script): read the run's ``optembed_result.pt`` and the generator's ``FILE.planted.json`` and print,
-for the informative and the noise fields of the planted model, the share of rows kept and the searched dims,
-and for the informative fields the kept share among their useful (planted, frequent) values vs the others.
+for the informative and the noise fields of the planted model, the share of embedding rows kept and the searched
+dims; with ``--cache`` (the run's cache folder) also the kept share by how often a value occurs in the cached
+rows (rare values first), for both kinds of fields.
 
-    python benchmarks/e2e_criteo.py --run /tmp/criteo/run5m --planted /tmp/criteo/train.txt.planted.json
+    python benchmarks/e2e_criteo.py --run /tmp/criteo/run5m --planted /tmp/criteo/train.txt.planted.json \\
+        --cache /tmp/criteo/cache5m/criteo-<key>
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--planted", help="FILE.planted.json of the generator (default: the criteo model, which does not "
                                       "depend on the seed or the row count)")
+    ap.add_argument("--cache", help="the run's cache folder (X.npy): kept share by value frequency")
     ap.add_argument("--json")
     args = ap.parse_args()
     res = load_search_result(args.run)
@@ -62,10 +68,40 @@ def main() -> None:
     for r in rows:
         print(f"  {r['field']:4s} {r['kind']:11s} rows {r['rows']:>9,}  kept {100 * r['kept_share']:5.1f}%  "
               f"dim {r['dim']}")
+    if args.cache:
+        out["by_frequency"] = by_frequency(args.cache, mask, fmap, [r["kind"] for r in rows])
     print("metrics:", json.dumps(res["metrics"], default=str)[:800])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
+
+
+BUCKETS = ((2, 3), (4, 10), (11, 100), (101, None))
+
+
+def by_frequency(cache: str, mask: np.ndarray, fmap, kinds: list[str]) -> dict:
+    """Kept share of the embedding rows by the number of cached rows holding the value (every row of ``X.npy``),
+    for informative and noise fields; each field's OOV and empty rows are left out."""
+    X = np.load(f"{cache}/X.npy", mmap_mode="r")
+    counts = np.zeros(fmap.num_features, dtype=np.int64)
+    for a in range(0, X.shape[0], 1 << 20):
+        counts += np.bincount(np.asarray(X[a:a + (1 << 20)]).ravel(), minlength=fmap.num_features)
+    offsets = np.asarray(fmap.offsets)
+    kind_of = np.empty(fmap.num_features, dtype=object)
+    special = np.zeros(fmap.num_features, dtype=bool)
+    for f, kind in enumerate(kinds):
+        kind_of[offsets[f]:offsets[f] + fmap.cardinalities[f]] = kind
+        special[offsets[f]:offsets[f] + 2] = True  # OOV and empty
+    out = {}
+    for kind in ("informative", "noise"):
+        out[kind] = {}
+        for lo, hi in BUCKETS:
+            sel = (kind_of == kind) & ~special & (counts >= lo) & (counts <= (hi if hi is not None else counts.max()))
+            n, kept = int(sel.sum()), int(mask[sel].sum())
+            label = f"{lo}-{hi}" if hi is not None else f">={lo}"
+            out[kind][label] = {"rows": n, "kept": kept, "kept_share": kept / max(n, 1)}
+            print(f"  {kind:11s} values seen {label:>6s} times: {n:>9,} rows, kept {100 * kept / max(n, 1):5.1f}%")
+    return out
 
 
 if __name__ == "__main__":
