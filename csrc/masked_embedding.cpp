@@ -760,6 +760,45 @@ void field_reduce_kernel(const Problem& pr, const BackwardPtrs& ptr, const at::o
   });
 }
 
+template <typename S, typename I, int P, bool T>
+struct KernelTag {
+  using scalar_t = S;
+  using index_t = I;
+  static constexpr int kP = P;
+  static constexpr bool kThr = T;
+};
+
+// What the plain backward and the fused update share: the pointers, the dispatch on (dtype, index type, p,
+// threshold) for the row pass `rows(ptr, sh_ptr, KernelTag<...>{})`, then the per-field reduction into
+// grad_threshold (gt_acc) / grad_oov, which reads only grad_out, the norms and the per-lookup STE scalars.
+template <typename Rows>
+void run_backward(const Problem& pr, const Tensor& g, const Tensor& w, const Tensor& idx, const Tensor& nrm,
+                  const Tensor& thr, const Tensor& d, const Tensor& oov, const Tensor& sh, const Tensor& gt_acc,
+                  const Tensor& grad_oov, int64_t p, Rows&& rows) {
+  OPTEMBED_DISPATCH_FLOATING(w.scalar_type(), "masked_embedding_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardPtrs ptr{g.const_data_ptr(),
+                           w.const_data_ptr(),
+                           idx.const_data_ptr(),
+                           nrm.const_data_ptr(),
+                           thr.defined() ? thr.const_data_ptr() : nullptr,
+                           d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
+                           oov.defined() ? oov.const_data_ptr() : nullptr};
+    acc_t* sh_ptr = sh.defined() ? sh.mutable_data_ptr<acc_t>() : nullptr;
+    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "indices", [&] {
+      OPTEMBED_P_SWITCH(p, kP, [&] {
+        OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
+          rows(ptr, sh_ptr, KernelTag<scalar_t, index_t, kP, kThr>{});
+        });
+      });
+    });
+    if (thr.defined() || oov.defined()) {
+      field_reduce_kernel<scalar_t>(pr, ptr, sh_ptr, gt_acc.defined() ? gt_acc.mutable_data_ptr<acc_t>() : nullptr,
+                                    oov.defined() ? grad_oov.mutable_data_ptr<scalar_t>() : nullptr);
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
     const Tensor& grad_out, const Tensor& weight, const Tensor& indices, const Tensor& norm,
     const std::optional<Tensor>& threshold, const std::optional<Tensor>& dims, int64_t p,
@@ -803,39 +842,25 @@ std::tuple<Tensor, Tensor, Tensor> masked_embedding_backward_cpu(
   const Tensor sh = thr.defined() ? at::empty({L}, weight.options().dtype(acc)) : Tensor();
   const Tensor gt_acc = thr.defined() ? at::empty({pr.F}, weight.options().dtype(acc)) : Tensor();
 
-  OPTEMBED_DISPATCH_FLOATING(w.scalar_type(), "masked_embedding_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const BackwardPtrs ptr{g.const_data_ptr(),
-                           w.const_data_ptr(),
-                           idx.const_data_ptr(),
-                           nrm.const_data_ptr(),
-                           thr.defined() ? thr.const_data_ptr() : nullptr,
-                           d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
-                           oov.defined() ? oov.const_data_ptr() : nullptr};
-    acc_t* sh_ptr = sh.defined() ? sh.mutable_data_ptr<acc_t>() : nullptr;
-    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "indices", [&] {
-      OPTEMBED_P_SWITCH(p, kP, [&] {
-        OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
-          if (sparse) {
-            backward_sparse_kernel<scalar_t, index_t, kP, kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
-                                                                sh_ptr, bad_index);
-          } else {
-            backward_dense_kernel<scalar_t, index_t, kP, kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
-                                                               sh_ptr);
-          }
-        });
-      });
-    });
-    if (const int64_t pos = bad_index.load(); pos != kNoErrorPos) {
-      const int64_t r = idx.scalar_type() == at::kInt ? idx.const_data_ptr<int32_t>()[pos]
-                                                      : idx.const_data_ptr<int64_t>()[pos];
-      raise_bad_index(pos, pr.F, r, pr.N);
-    }
-    if (thr.defined() || oov.defined()) {
-      field_reduce_kernel<scalar_t>(pr, ptr, sh_ptr, gt_acc.defined() ? gt_acc.mutable_data_ptr<acc_t>() : nullptr,
-                                    oov.defined() ? grad_oov.mutable_data_ptr<scalar_t>() : nullptr);
+  run_backward(pr, g, w, idx, nrm, thr, d, oov, sh, gt_acc, grad_oov, p, [&](const BackwardPtrs& ptr, auto* sh_ptr,
+                                                                              auto tag) {
+    using T = decltype(tag);
+    using scalar_t = typename T::scalar_t;
+    using index_t = typename T::index_t;
+    if (sparse) {
+      backward_sparse_kernel<scalar_t, index_t, T::kP, T::kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
+                                                                 sh_ptr, bad_index);
+    } else {
+      backward_dense_kernel<scalar_t, index_t, T::kP, T::kThr>(pr, ptr, grad_weight.mutable_data_ptr<scalar_t>(),
+                                                                sh_ptr);
     }
   });
+  // (the field reduction in run_backward never reads the table, so it is safe before the error)
+  if (const int64_t pos = bad_index.load(); pos != kNoErrorPos) {
+    const int64_t r = idx.scalar_type() == at::kInt ? idx.const_data_ptr<int32_t>()[pos]
+                                                    : idx.const_data_ptr<int64_t>()[pos];
+    raise_bad_index(pos, pr.F, r, pr.N);
+  }
   if (thr.defined()) {
     grad_t.copy_(gt_acc);
   }
@@ -890,34 +915,18 @@ std::tuple<Tensor, Tensor> masked_embedding_backward_update_cpu(
   const Tensor sh = thr.defined() ? at::empty({L}, weight.options().dtype(acc)) : Tensor();
   const Tensor gt_acc = thr.defined() ? at::empty({pr.F}, weight.options().dtype(acc)) : Tensor();
 
-  OPTEMBED_DISPATCH_FLOATING(weight.scalar_type(), "masked_embedding_backward_update_cpu", [&] {
+  run_backward(pr, g, weight, idx, nrm, thr, d, oov, sh, gt_acc, grad_oov, p, [&](const BackwardPtrs& ptr,
+                                                                                   auto* sh_ptr, auto tag) {
+    using T = decltype(tag);
+    using scalar_t = typename T::scalar_t;
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardPtrs ptr{g.const_data_ptr(),
-                           weight.const_data_ptr(),
-                           idx.const_data_ptr(),
-                           nrm.const_data_ptr(),
-                           thr.defined() ? thr.const_data_ptr() : nullptr,
-                           d.defined() ? d.const_data_ptr<int64_t>() : nullptr,
-                           oov.defined() ? oov.const_data_ptr() : nullptr};
-    acc_t* sh_ptr = sh.defined() ? sh.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* s1 = (state1.has_value() && state1->defined()) ? state1->mutable_data_ptr<acc_t>() : nullptr;
     acc_t* s2 = (state2.has_value() && state2->defined()) ? state2->mutable_data_ptr<acc_t>() : nullptr;
     const RowUpdateParams<acc_t> hp(opt, lr, eps, beta1, beta2, weight_decay, step);
-    // grad_threshold / grad_oov read only grad_out, the norms and the per-lookup STE scalars, never the updated rows.
-    OPTEMBED_DISPATCH_INDEX(idx.scalar_type(), "indices", [&] {
-      OPTEMBED_P_SWITCH(p, kP, [&] {
-        OPTEMBED_BOOL_SWITCH(thr.defined(), kThr, [&] {
-          OPTEMBED_ROW_OPTIMIZER_SWITCH(opt, kOpt, [&] {
-            backward_update_kernel<scalar_t, index_t, kP, kThr, kOpt>(pr, ptr, weight.mutable_data_ptr<scalar_t>(),
-                                                                      s1, s2, hp, sh_ptr, last);
-          });
-        });
-      });
+    OPTEMBED_ROW_OPTIMIZER_SWITCH(opt, kOpt, [&] {
+      backward_update_kernel<scalar_t, typename T::index_t, T::kP, T::kThr, kOpt>(
+          pr, ptr, weight.mutable_data_ptr<scalar_t>(), s1, s2, hp, sh_ptr, last);
     });
-    if (thr.defined() || oov.defined()) {
-      field_reduce_kernel<scalar_t>(pr, ptr, sh_ptr, gt_acc.defined() ? gt_acc.mutable_data_ptr<acc_t>() : nullptr,
-                                    oov.defined() ? grad_oov.mutable_data_ptr<scalar_t>() : nullptr);
-    }
   });
   if (thr.defined()) grad_t.copy_(gt_acc);
   return {grad_t, grad_oov};
