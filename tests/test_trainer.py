@@ -270,3 +270,30 @@ def test_embedding_lr_applies_to_the_embedding_groups_only(data, optimizer):
     assert seen_emb == len(emb_ids) and seen_rest > 0
     with pytest.raises(ValueError, match="embedding_lr"):
         config(embedding_lr=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["fused_sgd_lazywd", "fused_adam_lazywd"])
+def test_lazy_weight_decay_is_caught_up_before_evaluation_and_checkpoints(data, optimizer, tmp_path):
+    """The trainer evaluates and saves a table with no pending decay: every row carries every step's decay."""
+    torch.manual_seed(0)
+    fm = data.feature_map
+    model = build_model("fm", fm, UniformEmbedding(fm, 8, sparse=True))
+    seen = []
+
+    class Peek(Callback):
+        def on_epoch_end(self, trainer, *args, **kwargs):
+            opt = next(o for o in trainer.optimizer.optimizers if hasattr(o, "catch_up"))
+            seen.append(min(int(s["last_step"].min()) for s in opt.state.values() if "last_step" in s))
+
+    cfg = config(epochs=2, optimizer=optimizer, lr=0.05, weight_decay=1e-2, max_steps_per_epoch=5)
+    trainer = Trainer(model, data, cfg, run_dir=tmp_path, callbacks=[Peek()])
+    trainer.fit()
+    opt = next(o for o in trainer.optimizer.optimizers if hasattr(o, "catch_up"))
+    last = [s["last_step"] for s in opt.state.values() if "last_step" in s]
+    assert last, "the lazy optimizer keeps a last_step per row"
+    steps = max(int(s["step"]) for s in opt.state.values() if "step" in s)
+    assert steps == 10 and all(bool((t == steps).all()) for t in last)  # caught up by the final evaluation
+    assert seen == [5, 10]  # and at every epoch's validation (before the callbacks see the epoch end)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["optimizers"]
+    saved_last = [s["last_step"] for o in saved for s in o["state"].values() if "last_step" in s]
+    assert saved_last and all(bool((t == steps).all()) for t in saved_last)

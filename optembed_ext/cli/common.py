@@ -98,7 +98,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default=d.optimizer,
                    help="adam, sparse_adam, adagrad, sgd, or a fused sparse optimizer for the embedding table: "
                         "fused_sgd, fused_adagrad, fused_adam, or the same applied inside the lookup's backward: "
-                        "fused_bwd_sgd, fused_bwd_adagrad, fused_bwd_adam")
+                        "fused_bwd_sgd, fused_bwd_adagrad, fused_bwd_adam; any fused name + _lazywd (e.g. "
+                        "fused_adam_lazywd) also applies --weight-decay to the rows a step does not touch")
     g.add_argument("--embedding-lr", type=float, default=d.embedding_lr,
                    help="learning rate of the embedding table (default: --lr)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")

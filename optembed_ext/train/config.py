@@ -34,7 +34,9 @@ class TrainConfig:
     ``optimizer`` names an entry of :data:`optembed_ext.train.trainer.OPTIMIZERS` (``adam``, ``sparse_adam``,
     ``adagrad``, ``sgd``, and the fused sparse optimizers ``fused_sgd``, ``fused_adagrad``, ``fused_adam`` that
     update only the touched rows of the embedding table, and ``fused_bwd_sgd``, ``fused_bwd_adagrad``,
-    ``fused_bwd_adam`` that apply that update inside the lookup's backward, see :mod:`optembed_ext.optim`);
+    ``fused_bwd_adam`` that apply that update inside the lookup's backward, see :mod:`optembed_ext.optim`; each
+    fused name with the suffix ``_lazywd`` also decays the rows a step does not touch, on their next update and
+    before every evaluation and checkpoint, as dense weight decay would);
     parameters with sparse gradients get the sparse variant (SparseAdam for adam).
     ``embedding_lr``: learning rate of the embedding module's parameter groups (``None`` = ``lr``); row-wise
     Adagrad and SGD tables usually want a larger one than the dense layers.

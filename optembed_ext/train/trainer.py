@@ -217,6 +217,7 @@ class Trainer:
         NaN when the split holds a single class.
         """
         split = self._split(split)
+        self.optimizer.catch_up()  # lazy weight decay: the rows evaluated carry every decay step so far
         was_training = self.model.training
         self.model.eval()
         full = split
@@ -306,6 +307,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``run_dir/checkpoint.pt`` atomically (no-op without a run_dir, and on ranks other than 0)."""
+        if self.checkpoint_path is not None:
+            self.optimizer.catch_up()  # on every rank: the saved (and resumed) table has no pending decay
         if self.checkpoint_path is not None and self.rank == 0:
             save_checkpoint(self.checkpoint_path, self.state_dict())
 
