@@ -84,6 +84,7 @@ from . import cache as _cache
 from .batching import make_splits
 from .errors import DataFileNotFoundError, DataFormatError, DataUsageError, MalformedRowError
 from .formats import criteo_int_token
+from .loaders import PreprocessResult
 from .types import CTRDataset, _jsonable
 
 __all__ = ["SpecError", "Spec", "load_spec", "preprocess_generic", "load_generic", "FORMATS", "BUCKETINGS"]
@@ -1010,27 +1011,11 @@ def _label_fn(s: str) -> int:
 
 # ------------------------------------------------------------------------------------------ preprocess
 @dataclass
-class GenericResult:
-    """What :func:`preprocess_generic` produced or found (the fields of
-    :class:`~optembed_ext.data.loaders.PreprocessResult`) plus the spec."""
+class GenericResult(PreprocessResult):
+    """What :func:`preprocess_generic` produced or found: a
+    :class:`~optembed_ext.data.loaders.PreprocessResult` plus the spec."""
 
-    dataset: str
-    cache_path: Path | None
-    feature_map: Any
-    X: np.ndarray
-    y: np.ndarray
-    stats: dict
-    from_cache: bool
-    params: dict
-    spec: Spec
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def malformed_rows(self) -> int:
-        return int(self.stats.get("malformed", 0))
+    spec: Spec | None = None
 
 
 def _input_path(input) -> Path:
