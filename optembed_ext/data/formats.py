@@ -130,14 +130,20 @@ def _binary_label(s: str) -> int:
     raise ValueError("label must be 0 or 1")
 
 
-def criteo_int_token(s: str) -> str:
-    """Token of one Criteo integer value: ``b<floor(log(x)^2)>`` for ``x > 2``, else the value itself."""
+def finite_float(s: str) -> float:
+    """``float(s)``; ``ValueError`` ("not a number" / "not a finite number") for anything else, NaN and infinities."""
     try:
         x = float(s)
     except ValueError:
         raise ValueError("not a number") from None
     if not math.isfinite(x):
         raise ValueError("not a finite number")
+    return x
+
+
+def criteo_int_token(s: str) -> str:
+    """Token of one Criteo integer value: ``b<floor(log(x)^2)>`` for ``x > 2``, else the value itself."""
+    x = finite_float(s)
     if x > 2:
         return f"b{int(math.floor(math.log(x) ** 2))}"
     if x == int(x):

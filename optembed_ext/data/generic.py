@@ -83,7 +83,7 @@ from . import _fast, _stream
 from . import cache as _cache
 from .batching import make_splits
 from .errors import DataFileNotFoundError, DataFormatError, DataUsageError, MalformedRowError
-from .formats import criteo_int_token
+from .formats import criteo_int_token, finite_float
 from .loaders import PreprocessResult
 from .types import CTRDataset, _jsonable
 
@@ -698,12 +698,7 @@ class _Column:
         r = self.rule
         if r.bucketing == "log2":
             return criteo_int_token(s)
-        try:
-            x = float(s)
-        except ValueError:
-            raise ValueError("not a number") from None
-        if not math.isfinite(x):
-            raise ValueError("not a finite number")
+        x = finite_float(s)
         if r.bucketing == "none":
             return _number_token(x)
         bounds = r.boundaries if r.bucketing == "fixed" else self.quantiles
@@ -1042,7 +1037,7 @@ def preprocess_generic(spec, input, cache_dir=None, *, min_count: int | None = N
     :mod:`optembed_ext.data._fast`) or ``"auto"`` (arrow for token files of 32 MiB and more when pyarrow is
     installed); both give the same arrays, so the engine is not part of the cache key.
     """
-    from .loaders import FORMAT_VERSION, _build_or_load, _unwritable  # the cache flow of the built-in formats
+    from .loaders import FORMAT_VERSION, _build_or_load_in, _cache_folder  # the built-in formats' cache flow
 
     spec = load_spec(spec)
     path = _input_path(input)
@@ -1129,17 +1124,8 @@ def preprocess_generic(spec, input, cache_dir=None, *, min_count: int | None = N
     if cache_dir is None:
         table = encode()
         return GenericResult(spec.name, None, table.feature_map, table.X, table.y, table.stats, False, params, spec)
-    fingerprints = [_cache.file_fingerprint(p) for p in files]
-    key = _cache.cache_key(params, fingerprints)
-    cache_dir = Path(cache_dir).expanduser()
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _unwritable(cache_dir, e) from None
-    final = cache_dir / f"{spec.name}-{key}"
-    _cache.clean_stale_temporaries(cache_dir)
-    res = _build_or_load(spec.name, final, params, force, encode, fingerprints,
-                         f"{spec.name}: waiting for another process that is preprocessing into {final}")
+    final, fingerprints, created_dir = _cache_folder(spec.name, cache_dir, files, params)
+    res = _build_or_load_in(spec.name, final, params, force, encode, fingerprints, created_dir)
     return GenericResult(spec.name, res.cache_path, res.feature_map, res.X, res.y, res.stats, res.from_cache,
                          params, spec)
 

@@ -197,7 +197,14 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
         table = encode()
         return PreprocessResult(name, None, table.feature_map, table.X, table.y, table.stats, False, params)
 
-    fingerprints = [_cache.file_fingerprint(p) for p in plan.files]
+    final, fingerprints, created_dir = _cache_folder(name, cache_dir, plan.files, params)
+    return _build_or_load_in(name, final, params, force, encode, fingerprints, created_dir)
+
+
+def _cache_folder(name: str, cache_dir, files, params) -> tuple[Path, list, bool]:
+    """The cache folder of ``name`` for these raw ``files`` and ``params`` (the cache dir is created and its stale
+    temporaries removed), the files' fingerprints, and whether the cache dir was created here."""
+    fingerprints = [_cache.file_fingerprint(p) for p in files]
     key = _cache.cache_key(params, fingerprints)
     cache_dir = Path(cache_dir).expanduser()
     created_dir = not cache_dir.exists()
@@ -205,19 +212,23 @@ def preprocess(name: str, data_dir, cache_dir=None, *, min_count: int | None = N
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _unwritable(cache_dir, e) from None
-    final = cache_dir / f"{name}-{key}"
     _cache.clean_stale_temporaries(cache_dir)
+    return cache_dir / f"{name}-{key}", fingerprints, created_dir
+
+
+def _build_or_load_in(name, final: Path, params, force, encode, fingerprints, created_dir: bool) -> PreprocessResult:
+    """:func:`_build_or_load` into the folder of :func:`_cache_folder`; a cache dir created for it is removed again
+    when nothing was cached."""
     wait = f"{name}: waiting for another process that is preprocessing into {final}"
     try:
-        result = _build_or_load(name, final, params, force, encode, fingerprints, wait)
+        return _build_or_load(name, final, params, force, encode, fingerprints, wait)
     except BaseException:
         if created_dir:
             try:
-                cache_dir.rmdir()  # nothing was cached: leave no empty cache dir behind
+                final.parent.rmdir()  # nothing was cached: leave no empty cache dir behind
             except OSError:
                 pass
         raise
-    return result
 
 
 def _build_or_load(name, final: Path, params, force, encode, fingerprints, wait) -> PreprocessResult:
