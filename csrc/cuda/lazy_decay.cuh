@@ -52,6 +52,18 @@ __device__ __forceinline__ double adagrad_decay_sum(double a0, double q, double 
   return 2.0 * k / (u1 + u0) - (2.0 * eps / q) * log1p(k * q / ((u1 + u0) * (u0 + eps)));
 }
 
+// Multiplies the lane's units of row wrow (VEC elements each, lanes stride G) by f.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void scale_units(scalar_t* __restrict__ wrow, acc_t f, int64_t units, int lane, int G) {
+  for (int64_t u = lane; u < units; u += G) {
+    acc_t w[VEC];
+    load_vec<VEC>(wrow + u * VEC, w);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) w[e] *= f;
+    store_vec<VEC>(wrow + u * VEC, w);
+  }
+}
+
 // SGD / Adam catch-up of the lane's units of row r (wrow; m, v: the row's Adam moments or nullptr), k >= 1.
 template <bool kAdam, int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void catch_up_units(const LazyDecay& z, int64_t k, scalar_t* __restrict__ wrow,
@@ -59,14 +71,7 @@ __device__ __forceinline__ void catch_up_units(const LazyDecay& z, int64_t k, sc
                                                int lane, int G) {
   const double kd = static_cast<double>(k);
   if constexpr (!kAdam) {
-    const acc_t f = static_cast<acc_t>(pow(1.0 - z.lr * z.wd, kd));
-    for (int64_t u = lane; u < units; u += G) {
-      acc_t w[VEC];
-      load_vec<VEC>(wrow + u * VEC, w);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) w[e] *= f;
-      store_vec<VEC>(wrow + u * VEC, w);
-    }
+    scale_units<VEC>(wrow, static_cast<acc_t>(pow(1.0 - z.lr * z.wd, kd)), units, lane, G);
   } else {
     const acc_t b1k = static_cast<acc_t>(pow(z.beta1, kd)), b2k = static_cast<acc_t>(pow(z.beta2, kd));
     const acc_t ks = static_cast<acc_t>(kd) * static_cast<acc_t>(z.prev_step_size);
@@ -116,15 +121,7 @@ __device__ __forceinline__ void catch_up_adagrad(const LazyDecay& z, int64_t k, 
     f = static_cast<acc_t>(exp(-z.lr * z.wd * adagrad_decay_sum(a0, q, kd, z.eps)));
   }
   f = __shfl_sync(0xffffffffu, f, 0, G);
-  if (k > 0) {
-    for (int64_t u = lane; u < units; u += G) {
-      acc_t w[VEC];
-      load_vec<VEC>(wrow + u * VEC, w);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) w[e] *= f;
-      store_vec<VEC>(wrow + u * VEC, w);
-    }
-  }
+  if (k > 0) scale_units<VEC>(wrow, f, units, lane, G);
 }
 
 }  // namespace cuda
