@@ -213,6 +213,32 @@ inline void stream_fence() {
 #endif
 }
 
+#if defined(__SSE2__)
+// Lanes j .. j + 3 that lie below k: all-ones where j + lane < k, zero elsewhere (k - j may be <= 0 or >= 4).
+inline __m128 prefix_lanes(int64_t j, int64_t k) {
+  const int64_t rem = std::min<int64_t>(std::max<int64_t>(k - j, 0), 4);
+  return _mm_castsi128_ps(_mm_cmplt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(static_cast<int32_t>(rem))));
+}
+#endif
+
+// dst[j] = src[j] for j < k, 0 for k <= j < D (src == nullptr: all zeros). Float rows take masked 4-lane blocks over
+// the whole row: no loop whose trip count depends on k (the supernet's k is random per lookup, and the exits of
+// k-length loops are mispredicted branches).
+template <typename scalar_t>
+inline void copy_prefix(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t k, int64_t D) {
+  if (src == nullptr) {
+    for (int64_t j = 0; j < D; ++j) dst[j] = scalar_t(0);
+    return;
+  }
+  int64_t j = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; j + 4 <= D; j += 4) _mm_storeu_ps(dst + j, _mm_and_ps(_mm_loadu_ps(src + j), prefix_lanes(j, k)));
+  }
+#endif
+  for (; j < D; ++j) dst[j] = j < k ? src[j] : scalar_t(0);
+}
+
 // ---- forward ------------------------------------------------------------------------------------------------------
 // Lookups ahead whose table row is prefetched: the row reads are random and latency-bound, so the loop keeps several
 // misses in flight instead of waiting for one row at a time.
@@ -242,8 +268,8 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
       const int64_t r = static_cast<int64_t>(idx[q]);
       if (r >= 0 && r < N) prefetch_row(w + r * D, row_bytes, false);
     }
-    int64_t f = begin % F;
-    for (int64_t pos = begin; pos < end; ++pos, f = (f + 1 == F ? 0 : f + 1)) {
+    int64_t f = begin % F, b = begin / F;  // (b, f) of pos, advanced without a division per lookup
+    for (int64_t pos = begin; pos < end; ++pos, (f + 1 == F ? (f = 0, ++b) : ++f)) {
       if (pos + kRowPrefetchDistance < end) {
         const int64_t rn = static_cast<int64_t>(idx[pos + kRowPrefetchDistance]);
         if (rn >= 0 && rn < N) prefetch_row(w + rn * D, row_bytes, false);
@@ -253,7 +279,7 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
       if (check && !valid) record_first_error(bad_index, pos);
       int64_t k = D;
       if (dims != nullptr) {
-        k = dims[(pos / F) * pr.dims_bstride + f];
+        k = dims[b * pr.dims_bstride + f];
         if (k < 0 || k > D) {
           if (check) record_first_error(bad_dims, pos);
           k = clamp_dims(k, D);
@@ -283,12 +309,7 @@ void forward_kernel(const Problem& pr, const scalar_t* __restrict__ w, const ind
       // A large float output goes out with non-temporal stores (no read of each destination line first): the row
       // is assembled in a small buffer that stays in L1, then streamed.
       scalar_t* dst = stream ? row_buf.data() : o;
-      if (src != nullptr) {
-        for (int64_t j = 0; j < k; ++j) dst[j] = src[j];
-        for (int64_t j = k; j < D; ++j) dst[j] = scalar_t(0);
-      } else {
-        for (int64_t j = 0; j < D; ++j) dst[j] = scalar_t(0);
-      }
+      copy_prefix(dst, src, k, D);
       if (stream) store_row_stream(o, dst, D, true);
     }
     if (stream) stream_fence();
@@ -380,59 +401,77 @@ inline acc_t dot_minus(const scalar_t* __restrict__ g, const scalar_t* __restric
 }
 
 #if defined(__SSE2__)
-// float: dot_minus(g, w, o, k) (bit for bit: the same partial sums in the same order) and acc[j] += g[j] for j < k,
-// in one pass over g (the random-order row the sorted backward waits for).
-inline float dot_minus_accumulate(const float* __restrict__ g, const float* __restrict__ w,
-                                  const float* __restrict__ o, int64_t k, float* __restrict__ acc) {
-  int64_t j = 0;
+// lookup_grad for a float row with a threshold and a non-NaN x = n - t. The mask m = (x > 0) and H(x) are selects,
+// not branches, and the k columns are whole 8-column blocks plus one masked block (no scalar loop over k % 8): in
+// the supernet m is a coin flip per lookup and k is random, so the branchy form mispredicted several times per
+// lookup. One pass over g: acc[j] += m * g[j] and s += g[j] * (w[j] - o[j]) for j < k (two 4-lane partial sums;
+// lanes at or beyond k add exact zeros whatever the row holds there); returns s * H(x), or 0 where H(x) = 0.
+inline float lookup_grad_ste_f32(const float* __restrict__ g, const float* __restrict__ w,
+                                 const float* __restrict__ o, int64_t k, int64_t D, float x,
+                                 float* __restrict__ acc) {
+  const float ax = std::fabs(x);
+  const float h = ax <= 0.4f ? 2.0f - 4.0f * ax : (ax <= 1.0f ? 0.4f : 0.0f);
+  const __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(x > 0.0f ? -1 : 0));
   __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps();
-  for (; j + 8 <= k; j += 8) {
-    const __m128 g0 = _mm_loadu_ps(g + j), g1 = _mm_loadu_ps(g + j + 4);
-    __m128 w0 = _mm_loadu_ps(w + j), w1 = _mm_loadu_ps(w + j + 4);
-    if (o != nullptr) {
-      w0 = _mm_sub_ps(w0, _mm_loadu_ps(o + j));
-      w1 = _mm_sub_ps(w1, _mm_loadu_ps(o + j + 4));
+  // lanes: all-ones where the lane's column is < k (masked blocks only; columns in [k, D) add exact zeros whatever
+  // the row holds there)
+  auto block = [&](int64_t j, __m128& a, __m128 lanes) {
+    const __m128 gv = _mm_loadu_ps(g + j);
+    __m128 wv = _mm_loadu_ps(w + j);
+    if (o != nullptr) wv = _mm_sub_ps(wv, _mm_loadu_ps(o + j));
+    a = _mm_add_ps(a, _mm_and_ps(_mm_mul_ps(gv, wv), lanes));
+    _mm_storeu_ps(acc + j, _mm_add_ps(_mm_loadu_ps(acc + j), _mm_and_ps(gv, _mm_and_ps(lanes, keep))));
+  };
+  const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  int64_t j = 0;
+  for (const int64_t k8 = k & ~int64_t(7); j < k8; j += 8) {  // whole 8-column blocks below k
+    block(j, a0, all);
+    block(j + 4, a1, all);
+  }
+  if (j < k) {  // the last k % 8 columns: one masked 8- or 4-column block inside the row, scalar past D & ~3
+    if (j + 8 <= D) {
+      block(j, a0, prefix_lanes(j, k));
+      block(j + 4, a1, prefix_lanes(j + 4, k));
+      j = k;
+    } else if (j + 4 <= D) {
+      block(j, a0, prefix_lanes(j, k));
+      j = std::min(k, j + 4);
     }
-    a0 = _mm_add_ps(a0, _mm_mul_ps(g0, w0));
-    a1 = _mm_add_ps(a1, _mm_mul_ps(g1, w1));
-    _mm_storeu_ps(acc + j, _mm_add_ps(_mm_loadu_ps(acc + j), g0));
-    _mm_storeu_ps(acc + j + 4, _mm_add_ps(_mm_loadu_ps(acc + j + 4), g1));
+  }
+  float tail = 0.0f;
+  for (; j < k; ++j) {  // only for D % 4 != 0: the last D % 4 columns
+    tail += g[j] * (w[j] - (o != nullptr ? o[j] : 0.0f));
+    if (x > 0.0f) acc[j] += g[j];
   }
   alignas(16) float part[4];
   _mm_store_ps(part, _mm_add_ps(a0, a1));
-  float tail = (part[0] + part[1]) + (part[2] + part[3]);
-  for (; j < k; ++j) {
-    tail += g[j] * (w[j] - (o != nullptr ? o[j] : 0.0f));
-    acc[j] += g[j];
-  }
-  return tail + 0.0f;
+  const float s = ((part[0] + part[1]) + (part[2] + part[3])) + tail;
+  return h == 0.0f ? 0.0f : s * h;
 }
 #endif
 
 // One lookup's contribution: adds m * g[j] (j < k) into acc[0, k) and returns its STE scalar s * H(x) (0 without
 // threshold). The norm term s * H(x) * dn/dw is NOT added here: dn/dw is a property of the row (sign(w), or w / n),
-// so callers add (sum over the row's lookups of s * H) * dn/dw once per row (add_norm_term).
+// so callers add (sum over the row's lookups of s * H) * dn/dw once per row (add_norm_term). D: the row length.
 template <bool kThr, typename scalar_t, typename acc_t>
 inline acc_t lookup_grad(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
-                         const scalar_t* __restrict__ oov_row, int64_t k, acc_t n, acc_t t,
+                         const scalar_t* __restrict__ oov_row, int64_t k, int64_t D, acc_t n, acc_t t,
                          acc_t* __restrict__ acc) {
   bool m = true;
   acc_t sh = 0;
   if constexpr (kThr) {
     const acc_t x = n - t;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (!std::isnan(x)) return lookup_grad_ste_f32(g, w, oov_row, k, D, x, acc);
+    }
+#endif
     m = x > acc_t(0);
     if (std::isnan(x)) {  // m = NaN: the direct term m * g is NaN on [0, k)
       for (int64_t j = 0; j < k; ++j) acc[j] += quiet_nan<acc_t>();
     }
     const acc_t h = step_ste_grad(x);  // NaN for NaN x, 0 for |x| > 1 (also +-inf: no STE term at all)
     if (h != acc_t(0)) {
-#if defined(__SSE2__)
-      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-        if (m) {  // one pass over g: the dot product and the direct term (same sums as the two passes)
-          return dot_minus_accumulate(g, w, oov_row, k, acc) * h;
-        }
-      }
-#endif
       const acc_t s = dot_minus<scalar_t, acc_t>(g, w, oov_row, k);
       sh = s * h;
     }
@@ -510,21 +549,21 @@ void backward_sparse_kernel(const Problem& pr, const BackwardPtrs& ptr, scalar_t
       const int64_t r = static_cast<int64_t>(idx[q]);
       if (r >= 0 && r < N) prefetch_row(w + r * D, row_bytes, false);
     }
-    for (int64_t pos = begin; pos < end; ++pos) {
+    int64_t f = begin % F, b = begin / F;  // (b, f) of pos, advanced without a division per lookup
+    for (int64_t pos = begin; pos < end; ++pos, (f + 1 == F ? (f = 0, ++b) : ++f)) {
       if (pos + kRowPrefetchDistance < end) {
         const int64_t rn = static_cast<int64_t>(idx[pos + kRowPrefetchDistance]);
         if (rn >= 0 && rn < N) prefetch_row(w + rn * D, row_bytes, false);
       }
-      const int64_t f = pos % F;
       const int64_t r = static_cast<int64_t>(idx[pos]);
       if (r < 0 || r >= N) {  // never touches the table; raised (first position) after the pass
         record_first_error(bad_index, pos);
         continue;
       }
       int64_t k = D;
-      if (ptr.dims != nullptr) k = clamp_dims(ptr.dims[(pos / F) * pr.dims_bstride + f], D);
+      if (ptr.dims != nullptr) k = clamp_dims(ptr.dims[b * pr.dims_bstride + f], D);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const acc_t sh = lookup_grad<kThr>(g + pos * D, w + r * D, oov != nullptr ? oov + f * D : nullptr, k,
+      const acc_t sh = lookup_grad<kThr>(g + pos * D, w + r * D, oov != nullptr ? oov + f * D : nullptr, k, D,
                                          norm[pos], kThr ? thr[f] : acc_t(0), acc.data());
       if constexpr (kThr) {
         sh_buf[pos] = sh;
@@ -617,7 +656,7 @@ void backward_sorted_kernel(const Problem& pr, const BackwardPtrs& ptr, at::opma
     const int64_t b = fdiv.div(static_cast<uint32_t>(pos));
     const int64_t f = pos - b * F;
     const int64_t k = ptr.dims != nullptr ? clamp_dims(ptr.dims[b * pr.dims_bstride + f], D) : D;
-    const acc_t sh = lookup_grad<kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, k, norm[pos],
+    const acc_t sh = lookup_grad<kThr>(g + pos * D, wr, oov != nullptr ? oov + f * D : nullptr, k, D, norm[pos],
                                        kThr ? thr[f] : acc_t(0), acc);
     if constexpr (kThr) sh_buf[pos] = sh;
     return sh;
@@ -732,12 +771,15 @@ void field_reduce_kernel(const Problem& pr, const BackwardPtrs& ptr, const at::o
   const int64_t B = pr.B, F = pr.F, D = pr.D;
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
-    for (int64_t f = f0; f < f1; ++f) {
-      if (grad_t != nullptr) {
-        acc_t sum = 0;
-        for (int64_t b = 0; b < B; ++b) sum += sh_buf[b * F + f];
-        grad_t[f] = -sum;
+    if (grad_t != nullptr) {  // b outer: sh_buf is read in memory order (each field still sums in ascending b)
+      std::vector<acc_t> sum(static_cast<size_t>(f1 - f0), acc_t(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const acc_t* sh_b = sh_buf + b * F;
+        for (int64_t f = f0; f < f1; ++f) sum[f - f0] += sh_b[f];
       }
+      for (int64_t f = f0; f < f1; ++f) grad_t[f] = -sum[f - f0];
+    }
+    for (int64_t f = f0; f < f1; ++f) {
       if (grad_oov != nullptr) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         if (thr != nullptr) {  // without threshold every lookup is kept: grad_oov stays 0
