@@ -75,6 +75,16 @@ def test_seeded_and_deterministic(tmp_path):
         generate_raw("kdd", 10, a)
 
 
+def test_a_shorter_file_is_the_prefix_of_a_longer_one(tmp_path):
+    """The first n rows of a long file are a file of n rows (chunk-aligned n), as benchmarks/e2e_criteo.py uses."""
+    short, long = tmp_path / "short", tmp_path / "long"
+    generate_raw("criteo", 400, short, seed=5, chunk_rows=200)
+    generate_raw("criteo", 1000, long, seed=5, chunk_rows=200)
+    lines = long.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 1000
+    assert b"".join(lines[:400]) == short.read_bytes()
+
+
 def test_calibration_gives_the_published_sizes():
     models = field_models("criteo")
     assert [m.vocab for m in models] == CRITEO_VOCAB
