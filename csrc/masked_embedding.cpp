@@ -221,19 +221,27 @@ inline __m128 prefix_lanes(int64_t j, int64_t k) {
 }
 #endif
 
-// dst[j] = src[j] for j < k, 0 for k <= j < D (src == nullptr: all zeros). Float rows take masked 4-lane blocks over
-// the whole row: no loop whose trip count depends on k (the supernet's k is random per lookup, and the exits of
-// k-length loops are mispredicted branches).
+// dst[j] = src[j] for j < k, 0 for k <= j < D (src == nullptr: all zeros). k >= D (every lookup without dims) is a
+// straight copy; a float row cut at k < D takes masked 4-lane blocks over the whole row instead of a loop whose trip
+// count depends on k (the supernet's k is random per lookup, and the exits of k-length loops are mispredicted).
 template <typename scalar_t>
 inline void copy_prefix(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t k, int64_t D) {
   if (src == nullptr) {
     for (int64_t j = 0; j < D; ++j) dst[j] = scalar_t(0);
     return;
   }
+  if (k >= D) {
+    for (int64_t j = 0; j < D; ++j) dst[j] = src[j];
+    return;
+  }
   int64_t j = 0;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; j + 4 <= D; j += 4) _mm_storeu_ps(dst + j, _mm_and_ps(_mm_loadu_ps(src + j), prefix_lanes(j, k)));
+    const __m128i kv = _mm_set1_epi32(static_cast<int32_t>(k)), four = _mm_set1_epi32(4);
+    __m128i col = _mm_setr_epi32(0, 1, 2, 3);
+    for (; j + 4 <= D; j += 4, col = _mm_add_epi32(col, four)) {
+      _mm_storeu_ps(dst + j, _mm_and_ps(_mm_loadu_ps(src + j), _mm_castsi128_ps(_mm_cmplt_epi32(col, kv))));
+    }
   }
 #endif
   for (; j < D; ++j) dst[j] = j < k ? src[j] : scalar_t(0);
