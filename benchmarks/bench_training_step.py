@@ -16,6 +16,9 @@ Implementations (baseline first):
 ``fused``         the compiled ops, dense table gradient, dense ``torch.optim.Adam`` (the trainer's ``adam``)
 ``fused_sparse``  (train_step only) ``masked_embedding(sparse=True)`` + :class:`optembed_ext.optim.LazyAdam` for the
                   table (``ops.sparse_row_update``), ``torch.optim.Adam`` for thresholds and the dense network
+``fused_bwd``     (train_step only) the same lazy Adam applied inside the lookup's backward
+                  (:class:`optembed_ext.optim.FusedBackwardOptimizer`, the trainer's ``fused_bwd_adam``: no gradient
+                  rows at all), ``torch.optim.Adam`` for the rest
 
 Throughput is reported in samples/s; no GB/s (the MLP dominates the time at Criteo scale).
 """
@@ -36,7 +39,7 @@ from optembed_ext.nn.optembed import OptEmbedEmbedding
 ops = pytest.importorskip("optembed_ext.ops")
 
 SUITE = "training_step"
-IMPLS = ("reference", "fused", "fused_sparse")  # baseline first
+IMPLS = ("reference", "fused", "fused_sparse", "fused_bwd")  # baseline first
 LR = 1e-3
 EVAL_BATCH_FACTOR = 4
 
@@ -57,10 +60,12 @@ def build(shape: Shape, device):
 
 def make_step(model, emb: OptEmbedEmbedding, impl: str, ids, labels, dims):
     """A closure running one supernet training step with ``impl``."""
-    if impl == "fused_sparse":
+    if impl in ("fused_sparse", "fused_bwd"):
         table = [emb.weight]
         rest = [p for p in model.parameters() if p is not emb.weight]
-        opts = [optim.LazyAdam(table, lr=LR), torch.optim.Adam(rest, lr=LR)]
+        first = (optim.LazyAdam(table, lr=LR) if impl == "fused_sparse"
+                 else optim.FusedBackwardOptimizer(table, kind="adam", lr=LR))
+        opts = [first, torch.optim.Adam(rest, lr=LR)]
     else:
         opts = [torch.optim.Adam(model.parameters(), lr=LR)]
 
@@ -80,6 +85,7 @@ def make_step(model, emb: OptEmbedEmbedding, impl: str, ids, labels, dims):
             o.step()
         return loss
 
+    step.opts = opts
     return step
 
 
@@ -90,7 +96,7 @@ def make_step(model, emb: OptEmbedEmbedding, impl: str, ids, labels, dims):
 def test_training_step(benchmark, request, device, shape, mode, impl):
     if impl != "reference" and not _ext.HAS_EXTENSION:
         pytest.skip("compiled extension not available: ops would fall back to the reference")
-    if mode == "eval" and impl == "fused_sparse":
+    if mode == "eval" and impl in ("fused_sparse", "fused_bwd"):
         pytest.skip("evaluation has no optimizer: identical to 'fused'")
     batch = shape.batch * (EVAL_BATCH_FACTOR if mode == "eval" else 1)
     bshape = replace(shape, batch=batch)
@@ -117,6 +123,9 @@ def test_training_step(benchmark, request, device, shape, mode, impl):
                         got = model(ids)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             fn = make_step(model, emb, impl, ids, labels, dims)
+            for o in fn.opts:
+                if isinstance(o, optim.FusedBackwardOptimizer):
+                    request.addfinalizer(o.detach)
         else:
             model.eval()
             emb.set_dims(None)

@@ -45,6 +45,9 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str):
     try:
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank is done with its collectives before any tears the group down: a rank that destroys the group
+        # while its peer's last operation is in flight can take the peer down at exit (std::terminate in gloo)
+        dist.barrier()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
