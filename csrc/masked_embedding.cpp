@@ -411,8 +411,7 @@ inline acc_t dot_minus(const scalar_t* __restrict__ g, const scalar_t* __restric
 #if defined(__SSE2__)
 // lookup_grad for a float row with a threshold and a non-NaN x = n - t. The mask m = (x > 0) and H(x) are selects,
 // not branches, and the k columns are whole 8-column blocks plus one masked block (no scalar loop over k % 8): in
-// the supernet m is a coin flip per lookup and k is random, so the branchy form mispredicted several times per
-// lookup. One pass over g: acc[j] += m * g[j] and s += g[j] * (w[j] - o[j]) for j < k (two 4-lane partial sums;
+// the supernet m is a coin flip per lookup and k is random, so branches on them are unpredictable. One pass over g: acc[j] += m * g[j] and s += g[j] * (w[j] - o[j]) for j < k (two 4-lane partial sums;
 // lanes at or beyond k add exact zeros whatever the row holds there); returns s * H(x), or 0 where H(x) = 0.
 inline float lookup_grad_ste_f32(const float* __restrict__ g, const float* __restrict__ w,
                                  const float* __restrict__ o, int64_t k, int64_t D, float x,
