@@ -126,7 +126,7 @@ def by_signal(cache: str, mask: np.ndarray, fmap) -> dict:
         if not m.useful or m.name not in vocab:
             continue
         tokens = {f"{int(h):08x}" for h in _mix32(np.arange(1, m.useful + 1, dtype=np.int64), m.salt)}
-        ids = np.asarray([i for i, tok in enumerate(vocab[m.name]) if i >= 2], dtype=np.int64)  # no OOV / empty
+        ids = np.arange(2, len(vocab[m.name]), dtype=np.int64)  # local ids 0 and 1 are OOV and empty
         is_useful = np.asarray([vocab[m.name][i] in tokens for i in ids], dtype=bool)
         kept = mask[offsets[m.name] + ids]
         u, n = int(is_useful.sum()), int((~is_useful).sum())

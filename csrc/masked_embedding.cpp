@@ -214,10 +214,10 @@ inline void stream_fence() {
 }
 
 #if defined(__SSE2__)
-// Lanes j .. j + 3 that lie below k: all-ones where j + lane < k, zero elsewhere (k - j may be <= 0 or >= 4).
+// Columns j .. j + 3 that lie below k: all-ones where j + lane < k, zero elsewhere (0 <= j, k <= D < 2^31).
 inline __m128 prefix_lanes(int64_t j, int64_t k) {
-  const int64_t rem = std::min<int64_t>(std::max<int64_t>(k - j, 0), 4);
-  return _mm_castsi128_ps(_mm_cmplt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(static_cast<int32_t>(rem))));
+  const __m128i col = _mm_add_epi32(_mm_set1_epi32(static_cast<int32_t>(j)), _mm_setr_epi32(0, 1, 2, 3));
+  return _mm_castsi128_ps(_mm_cmplt_epi32(col, _mm_set1_epi32(static_cast<int32_t>(k))));
 }
 #endif
 
@@ -237,11 +237,7 @@ inline void copy_prefix(scalar_t* __restrict__ dst, const scalar_t* __restrict__
   int64_t j = 0;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const __m128i kv = _mm_set1_epi32(static_cast<int32_t>(k)), four = _mm_set1_epi32(4);
-    __m128i col = _mm_setr_epi32(0, 1, 2, 3);
-    for (; j + 4 <= D; j += 4, col = _mm_add_epi32(col, four)) {
-      _mm_storeu_ps(dst + j, _mm_and_ps(_mm_loadu_ps(src + j), _mm_castsi128_ps(_mm_cmplt_epi32(col, kv))));
-    }
+    for (; j + 4 <= D; j += 4) _mm_storeu_ps(dst + j, _mm_and_ps(_mm_loadu_ps(src + j), prefix_lanes(j, k)));
   }
 #endif
   for (; j < D; ++j) dst[j] = j < k ? src[j] : scalar_t(0);
@@ -411,8 +407,9 @@ inline acc_t dot_minus(const scalar_t* __restrict__ g, const scalar_t* __restric
 #if defined(__SSE2__)
 // lookup_grad for a float row with a threshold and a non-NaN x = n - t. The mask m = (x > 0) and H(x) are selects,
 // not branches, and the k columns are whole 8-column blocks plus one masked block (no scalar loop over k % 8): in
-// the supernet m is a coin flip per lookup and k is random, so branches on them are unpredictable. One pass over g: acc[j] += m * g[j] and s += g[j] * (w[j] - o[j]) for j < k (two 4-lane partial sums;
-// lanes at or beyond k add exact zeros whatever the row holds there); returns s * H(x), or 0 where H(x) = 0.
+// the supernet m is a coin flip per lookup and k is random, so branches on them are unpredictable. One pass over g:
+// acc[j] += m * g[j] and s += g[j] * (w[j] - o[j]) for j < k (two 4-lane partial sums; lanes at or beyond k add
+// exact zeros whatever the row holds there); returns s * H(x), or 0 where H(x) = 0.
 inline float lookup_grad_ste_f32(const float* __restrict__ g, const float* __restrict__ w,
                                  const float* __restrict__ o, int64_t k, int64_t D, float x,
                                  float* __restrict__ acc) {
