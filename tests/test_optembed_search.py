@@ -180,9 +180,9 @@ def test_retraining_starts_from_the_saved_initial_weights(tiny_data, tmp_path, m
     starts = {}
     original = oe.OptEmbedRun._fit
 
-    def recording_fit(self, name, model, epochs, callbacks=()):
+    def recording_fit(self, name, model, epochs, callbacks=(), **kw):
         starts[(self.config.retrain_init, name)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return original(self, name, model, epochs, callbacks)
+        return original(self, name, model, epochs, callbacks, **kw)
 
     monkeypatch.setattr(oe.OptEmbedRun, "_fit", recording_fit)
     cfg = dict(TINY, ablations=False, baseline=False, export=False, generations=1, measure_speedup=False, epochs=1)
@@ -205,6 +205,56 @@ def test_retraining_starts_from_the_saved_initial_weights(tiny_data, tmp_path, m
         if not k.startswith("embedding.fixed"):
             assert torch.equal(warm[k], v), k
     assert not torch.equal(warm["embedding.weight"], init_state["embedding.weight"])
+
+
+def test_retrain_monitor_applies_to_the_retraining_phases_only(tiny_data, tmp_path):
+    cfg = dict(TINY, ablations=True, baseline=True, export=False, generations=1, measure_speedup=False, epochs=2,
+               retrain_monitor="logloss")
+    oe.run_optembed(tiny_data, "deepfm", cfg, out_dir=tmp_path, log=None)
+    monitors = {p.parent.name: json.loads(p.read_text())["monitor"]
+                for p in (tmp_path / "phases").glob("*/metrics.json")}
+    assert monitors == {"uniform": "auc", "supernet": "auc", "supernet_e": "auc", "supernet_d": "auc",
+                        "retrain": "logloss", "retrain_e": "logloss", "retrain_d": "logloss"}
+    config = oe.OptEmbedConfig(monitor="auc-logloss")
+    assert config.train_config(3).monitor == config.train_config(3, retrain=True).monitor == "auc-logloss"
+    with pytest.raises(ValueError, match="retrain_monitor must be one of"):
+        oe.OptEmbedConfig(retrain_monitor="acc")
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        oe.OptEmbedConfig(monitor="acc")
+
+
+@pytest.mark.parametrize("monitor, best", [("auc", 2), ("logloss", 3), ("auc-logloss", 1)])
+def test_supernet_callback_keeps_the_row_mask_of_the_monitored_best_epoch(tiny_data, monitor, best):
+    from types import SimpleNamespace
+
+    from optembed_ext.train import TrainConfig
+
+    emb = OptEmbedEmbedding(tiny_data.feature_map, 4)
+    cb = oe.OptEmbedSupernetCallback(emb, seed=0)
+    trainer = SimpleNamespace(config=TrainConfig(monitor=monitor))
+    masks = []
+    for epoch, (auc, logloss) in enumerate(((0.70, 0.60), (0.80, 0.52), (0.82, 0.58), (0.74, 0.50))):
+        with torch.no_grad():
+            emb.threshold.fill_(0.05 * epoch)  # a different row mask every epoch
+        masks.append(emb.row_mask().cpu())
+        cb.on_epoch_end(trainer, epoch, {"auc": auc, "logloss": logloss})
+    assert cb.best_epoch == best and torch.equal(cb.best_row_mask, masks[best])
+    restored = oe.OptEmbedSupernetCallback(emb, seed=0)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.best_score == cb.best_score
+
+
+def test_run_fingerprint_leaves_later_settings_out_at_their_defaults(tiny_data, tmp_path):
+    def fingerprint(config, out):
+        run = oe.OptEmbedRun(tiny_data, "deepfm", config, out)
+        try:
+            return run.fingerprint()["config"]
+        finally:
+            run.close()
+
+    default = fingerprint(oe.OptEmbedConfig(), tmp_path / "a")
+    assert "monitor" not in default and "retrain_monitor" not in default  # folders made before them still resume
+    assert fingerprint(oe.OptEmbedConfig(retrain_monitor="logloss"), tmp_path / "b")["retrain_monitor"] == "logloss"
 
 
 # ------------------------------------------------------------------------------------------------- resume

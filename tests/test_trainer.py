@@ -131,6 +131,64 @@ def test_early_stopping_and_best_state_restore(data, tmp_path):
     assert res["epochs_run"] == 4 and not res["stopped_early"] and res["best_epoch"] == 0
 
 
+class ScriptedValMetrics(Trainer):
+    """A trainer whose validation AUC and log loss follow a script of (auc, logloss) pairs."""
+
+    script = ()
+
+    def evaluate(self, split="val"):
+        out = super().evaluate(split)
+        if split == "val":
+            out["auc"], out["logloss"] = self.script[self.epoch]
+        return out
+
+
+# per epoch (auc, logloss): the best AUC is epoch 2, the best log loss epoch 3, the best AUC - log loss epoch 1
+MONITOR_SCRIPT = ((0.70, 0.60), (0.80, 0.52), (0.82, 0.58), (0.74, 0.50))
+
+
+@pytest.mark.parametrize("monitor, best", [("auc", 2), ("logloss", 3), ("auc-logloss", 1)])
+def test_monitor_picks_the_best_epoch_and_its_state(data, tmp_path, monitor, best):
+    snapshots = {}
+
+    def snap(trainer, epoch, val):
+        snapshots[epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    ScriptedValMetrics.script = MONITOR_SCRIPT
+    trainer = ScriptedValMetrics(make_model(data), data, config(epochs=4, monitor=monitor), run_dir=tmp_path,
+                                 callbacks=[LambdaCallback(on_epoch_end=snap)])
+    res = trainer.fit()
+    assert res["monitor"] == monitor and res["best_epoch"] == best and res["epochs_run"] == 4
+    assert (res["best_val_auc"], res["best_val_logloss"]) == MONITOR_SCRIPT[best]
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, snapshots[best][k]), f"{k} is not the state of epoch {best}"
+    # a finished run read back from its checkpoint keeps the choice
+    again = ScriptedValMetrics(make_model(data), data, config(epochs=4, monitor=monitor), run_dir=tmp_path,
+                               callbacks=[LambdaCallback(on_epoch_end=snap)]).fit()
+    assert again["best_epoch"] == best
+
+
+def test_monitor_drives_early_stopping_and_resume(data, tmp_path):
+    # by log loss, epoch 2 (0.58) does not beat epoch 1 (0.52): patience 1 stops there; by AUC it would go on
+    ScriptedValMetrics.script = MONITOR_SCRIPT
+    res = ScriptedValMetrics(make_model(data), data, config(epochs=4, patience=1, monitor="logloss")).fit()
+    assert res["stopped_early"] and res["epochs_run"] == 3 and res["best_epoch"] == 1
+    res = ScriptedValMetrics(make_model(data), data, config(epochs=4, patience=1, monitor="auc")).fit()
+    assert not res["stopped_early"] and res["epochs_run"] == 4 and res["best_epoch"] == 2
+    # killed in epoch 2 and resumed: the stored best epoch (1) is scored under the run's monitor, so epoch 2 is no
+    # improvement and the resumed run stops where the uninterrupted one did
+    cfg = config(epochs=4, patience=1, monitor="logloss")
+    with pytest.raises(KeyboardInterrupt):
+        ScriptedValMetrics(make_model(data), data, cfg, run_dir=tmp_path,
+                           callbacks=[Kill(at_step=2 * math.ceil(len(data.train) / 256) + 1)]).fit()
+    res = ScriptedValMetrics(make_model(data), data, cfg, run_dir=tmp_path, callbacks=[Kill()]).fit()
+    assert res["stopped_early"] and res["epochs_run"] == 3 and res["best_epoch"] == 1
+    with pytest.raises(ValueError, match="monitor: checkpoint 'logloss' vs config 'auc'"):
+        Trainer(make_model(data), data, config(epochs=5, monitor="auc"), run_dir=tmp_path).fit(resume=True)
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        TrainConfig(monitor="acc")
+
+
 class Kill(Callback):
     """Raises at a given global step, standing in for a killed process; counts its calls (checkpointed)."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..train.checkpoint import check_fingerprint
-from ..train.config import TrainConfig, append_log, clear_run_dir, make_run_dir, save_yaml
+from ..train.config import MONITORS, TrainConfig, append_log, clear_run_dir, make_run_dir, save_yaml
 
 _TRAIN_DEFAULTS = TrainConfig()
 
@@ -108,7 +108,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold-lr", type=float, default=d.threshold_lr,
                    help="learning rate of learned pruning thresholds (default: the module's)")
     g.add_argument("--patience", type=int, default=d.patience,
-                   help="epochs without a better validation AUC before stopping")
+                   help="epochs without a better monitored validation score before stopping")
+    g.add_argument("--monitor", default=d.monitor, choices=MONITORS,
+                   help="validation metric that picks the best epoch and drives early stopping: auc (default), "
+                        "logloss, or auc-logloss")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
                    help="torch.use_deterministic_algorithms during training")

@@ -35,6 +35,7 @@ from ..train.checkpoint import RunFolderError, check_fingerprint, fingerprint_di
 from ..train.config import TrainConfig, load_yaml_config, save_json, save_yaml
 from .base import get_method, method_names
 from .common import RunSettings
+from .optembed.config import without_later_defaults
 from .table import collect_rows, format_table, pareto_front, plot_pareto, write_results  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ class CompareConfig:
         shared = {k: v for k, v in self.to_dict().items() if k not in self.NEUTRAL_FIELDS}
         return json.loads(json.dumps({"dataset": dataset, "method": method, "shared": shared,
                                       "options": self.method_options(method),
-                                      "config": dataclasses.asdict(self.build_method(method).config)},
+                                      "config": without_later_defaults(
+                                          dataclasses.asdict(self.build_method(method).config))},
                                      default=str))
 
     def method_options(self, method: str) -> dict:

@@ -25,6 +25,21 @@ def dataclass_from_dict(cls, values: dict, what: str):
 
 #: optimizers of learned pruning thresholds (TrainConfig.threshold_optimizer)
 THRESHOLD_OPTIMIZERS = ("sgd", "adam")
+#: validation metrics that choose the best epoch and drive early stopping (TrainConfig.monitor); higher score is
+#: better: ``auc``, ``logloss`` (score -logloss), ``auc-logloss`` (score AUC - logloss, FuxiCTR's default monitor)
+MONITORS = ("auc", "logloss", "auc-logloss")
+
+
+def monitor_score(monitor: str, auc: float, logloss: float) -> float:
+    """The score (higher is better) of validation metrics under ``monitor`` (see :data:`MONITORS`); NaN when a
+    metric it uses is NaN."""
+    if monitor == "auc":
+        return float(auc)
+    if monitor == "logloss":
+        return -float(logloss)
+    if monitor == "auc-logloss":
+        return float(auc) - float(logloss)
+    raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
 
 
 @dataclass
@@ -40,7 +55,9 @@ class TrainConfig:
     parameters with sparse gradients get the sparse variant (SparseAdam for adam).
     ``embedding_lr``: learning rate of the embedding module's parameter groups (``None`` = ``lr``); row-wise
     Adagrad and SGD tables usually want a larger one than the dense layers.
-    ``patience``: epochs without a better validation AUC before stopping (``None`` = never stop early).
+    ``monitor``: the validation metric that picks the best epoch (whose state is restored before the test
+    evaluation) and drives early stopping: ``"auc"``, ``"logloss"`` or ``"auc-logloss"`` (see :data:`MONITORS`).
+    ``patience``: epochs without a better monitored score before stopping (``None`` = never stop early).
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (``None`` = once per epoch).
     ``max_steps_per_epoch``: cut each epoch after that many steps (``None`` = whole training split).
     ``threshold_optimizer``: optimizer of learned pruning thresholds (OptEmbed's ``t``): ``"sgd"`` (plain SGD, as
@@ -59,6 +76,7 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.0
     patience: int | None = 2
+    monitor: str = "auc"
     seed: int = 2022
     deterministic: bool = False
     device: str = "cpu"
@@ -97,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"embedding_lr must be a finite number > 0 or None, got {self.embedding_lr!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.threshold_optimizer not in THRESHOLD_OPTIMIZERS:
             raise ValueError(f"threshold_optimizer must be one of {THRESHOLD_OPTIMIZERS}, got "
                              f"{self.threshold_optimizer!r}")

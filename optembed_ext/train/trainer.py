@@ -2,7 +2,8 @@
 
 loss = BCEWithLogits(mean) + ``model.embedding.regularization()``; optimizer parameter groups =
 ``model.embedding.param_groups(lr, weight_decay)`` + the rest of the model (+ ``extra_param_groups``); early
-stopping on the validation AUC; the best-validation state is restored before the test evaluation.
+stopping on the validation score of ``config.monitor`` (AUC by default, or log loss, or AUC - log loss); the
+best-validation state is restored before the test evaluation.
 
 Resuming: with a ``run_dir`` the trainer writes ``run_dir/checkpoint.pt`` after every epoch (and every
 ``checkpoint_every`` steps) holding the model, optimizer, callback states, RNG states, counters, the best state and
@@ -50,7 +51,7 @@ from .callbacks import Callback
 from .checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, RESUME_HINT, RunFolderError, dataset_fingerprint,
                          fingerprint_diff, get_rng_state, load_checkpoint, save_checkpoint, seed_everything,
                          set_rng_state)
-from .config import TrainConfig, append_log, save_json
+from .config import TrainConfig, append_log, monitor_score, save_json
 from .metrics import Timer, embedding_stats, log_loss, roc_auc
 from .optimizers import OPTIMIZERS, SPARSE_GRAD_OPTIMIZERS, MultiOptimizer, build_optimizer  # noqa: F401
 
@@ -131,6 +132,7 @@ class Trainer:
         self.epoch_times: list[float] = []
         self.best_val_auc = -math.inf
         self.best_val_logloss = math.nan
+        self.best_score = -math.inf  # of config.monitor at the best epoch
         self.best_epoch = -1
         self.best_state: dict | None = None
         self.bad_epochs = 0
@@ -297,6 +299,9 @@ class Trainer:
         best = state["best"]
         self.best_val_auc, self.best_val_logloss = best["val_auc"], best["val_logloss"]
         self.best_epoch, self.best_state = best["epoch"], best["state"]
+        # the score of the stored best epoch under this run's monitor
+        self.best_score = (monitor_score(self.config.monitor, self.best_val_auc, self.best_val_logloss)
+                           if self.best_epoch >= 0 else -math.inf)
         self.bad_epochs = state["bad_epochs"]
         self.stop_training = state["stop_training"]
         self.finished = state["finished"]
@@ -327,7 +332,8 @@ class Trainer:
             torch.use_deterministic_algorithms(previous)
 
     def fit(self, resume: bool = True) -> dict:
-        """Train (early stopping on validation AUC), restore the best state, evaluate the test split.
+        """Train (early stopping on the monitored validation score), restore the best state, evaluate the test
+        split.
 
         With ``resume`` and an existing ``run_dir/checkpoint.pt`` training continues where it stopped (a finished
         run returns its stored result). Returns the result dict (also written to ``run_dir/metrics.json``).
@@ -358,7 +364,7 @@ class Trainer:
 
     #: config fields that must match the checkpoint's for a resumed run to continue the same training
     RESUME_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "optimizer", "momentum", "seed",
-                   "max_steps_per_epoch", "grad_clip", "threshold_optimizer", "threshold_lr")
+                   "max_steps_per_epoch", "grad_clip", "threshold_optimizer", "threshold_lr", "monitor")
 
     def _data_fingerprint(self) -> dict:
         if getattr(self, "_data_fp", None) is None:
@@ -447,9 +453,11 @@ class Trainer:
         val = self.evaluate("val")
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch, val)
-        improved = val["auc"] > self.best_val_auc  # False for NaN
+        score = monitor_score(cfg.monitor, val["auc"], val["logloss"])
+        improved = score > self.best_score  # False for NaN
         if improved:
             self.best_val_auc, self.best_val_logloss, self.best_epoch = val["auc"], val["logloss"], epoch
+            self.best_score = score
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             self.bad_epochs = 0
         else:
@@ -484,6 +492,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_val_auc": self.best_val_auc if self.best_epoch >= 0 else math.nan,
             "best_val_logloss": self.best_val_logloss,
+            "monitor": self.config.monitor,
             "test_auc": test["auc"],
             "test_logloss": test["logloss"],
             "epochs_run": self.epoch,

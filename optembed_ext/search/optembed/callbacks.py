@@ -8,6 +8,7 @@ import torch
 
 from ...nn.optembed import OptEmbedEmbedding
 from ...train.callbacks import Callback
+from ...train.config import monitor_score
 
 # =========================================================================== callbacks
 class OptEmbedSupernetCallback(Callback):
@@ -16,7 +17,8 @@ class OptEmbedSupernetCallback(Callback):
     * ``on_batch_begin``: draws the kept dimension of every sample and field uniformly from ``1..D`` (prefix
       masks) when ``sample_dims``; the embedding applies them in training mode only, so evaluation uses the
       full dimension.
-    * ``on_epoch_end``: keeps the row mask ``m_e`` of the best validation-AUC epoch.
+    * ``on_epoch_end``: keeps the row mask ``m_e`` of the best validation epoch (by the trainer's
+      ``config.monitor``: AUC by default), the epoch whose state the trainer restores.
 
     Its state (RNG, best epoch and mask, history) is saved in the trainer checkpoint, so a resumed run continues
     exactly.
@@ -27,6 +29,7 @@ class OptEmbedSupernetCallback(Callback):
         self.sample_dims = bool(sample_dims)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.best_auc = -math.inf
+        self.best_score = -math.inf
         self.best_epoch = -1
         self.best_row_mask: torch.Tensor | None = None
         self.history: list[dict] = []
@@ -47,25 +50,29 @@ class OptEmbedSupernetCallback(Callback):
     def on_epoch_end(self, trainer, epoch: int, val_metrics: dict) -> None:
         self.embedding.set_dims(None)
         auc = float(val_metrics.get("auc", -math.inf))
+        score = monitor_score(getattr(trainer.config, "monitor", "auc"), auc,
+                              float(val_metrics.get("logloss", math.nan)))
         mask = self.embedding.row_mask().cpu()
         entry = {"epoch": int(epoch), "val_auc": auc, "kept_rows": int(mask.sum()),
                  "kept_rows_per_field": self.embedding.kept_rows_per_field()}
         if self.embedding.threshold is not None:  # per field (the mean of its rows' with per-row thresholds)
             entry["threshold"] = self.embedding.field_thresholds()
         self.history.append(entry)
-        if auc > self.best_auc:
-            self.best_auc, self.best_epoch, self.best_row_mask = auc, int(epoch), mask
+        if score > self.best_score:  # False for NaN, as the trainer's choice of its best epoch
+            self.best_auc, self.best_score, self.best_epoch, self.best_row_mask = auc, score, int(epoch), mask
 
     def on_train_end(self, trainer) -> None:
         self.embedding.set_dims(None)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "best_auc": self.best_auc, "best_epoch": self.best_epoch,
+        return {"generator": self.generator.get_state(), "best_auc": self.best_auc, "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
                 "best_row_mask": self.best_row_mask, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.best_auc = float(state["best_auc"])
+        self.best_score = float(state.get("best_score", state["best_auc"]))  # older checkpoints: monitor auc
         self.best_epoch = int(state["best_epoch"])
         self.best_row_mask = state["best_row_mask"]
         self.history = list(state.get("history", []))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ...train.config import dataclass_from_dict
+from ...train.config import MONITORS, dataclass_from_dict
 from ...nn.optembed import THRESHOLD_MODES
 from ..evolution import EvolutionConfig
 
@@ -11,6 +11,14 @@ from ..evolution import EvolutionConfig
 #: weights, or the supernet's trained weights (warm start)
 RETRAIN_INITS = ("lottery", "fresh", "supernet")
 ABLATION_SUPERNETS = ("separate", "shared")
+#: settings added after run folders existed, with the defaults that reproduce the earlier behaviour: left out of
+#: run fingerprints at these values, so that folders made before them still resume
+LATER_DEFAULTS = {"monitor": "auc", "retrain_monitor": None}
+
+
+def without_later_defaults(config: dict) -> dict:
+    """``config`` (an OptEmbedConfig as a dict) without the :data:`LATER_DEFAULTS` fields at their defaults."""
+    return {k: v for k, v in config.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 # =========================================================================== configuration
@@ -20,7 +28,9 @@ class OptEmbedConfig:
 
     Training settings apply to every trained phase (uniform, supernets, retraining); ``supernet_epochs`` /
     ``retrain_epochs`` override ``epochs`` for one kind of phase. ``patience`` is the early-stopping patience on
-    validation AUC (the reference code stops at the first epoch without improvement: 1). ``optimizer`` is any
+    the validation score of ``monitor`` (AUC by default, as the reference code, which stops at the first epoch
+    without improvement: 1); ``retrain_monitor`` (``None`` = ``monitor``) picks the retraining's best epoch by
+    another metric, e.g. ``logloss`` when the retrained model's calibration matters. ``optimizer`` is any
     trainer optimizer; the fused row-sparse ones (``fused_adam``, ``fused_adagrad``, ``fused_sgd``) switch the
     OptEmbed table (and the uniform baseline's) to sparse gradients, so only the looked-up rows are updated.
     """
@@ -46,6 +56,8 @@ class OptEmbedConfig:
     supernet_epochs: int | None = None
     retrain_epochs: int | None = None
     patience: int | None = 1
+    monitor: str = "auc"
+    retrain_monitor: str | None = None
     max_steps_per_epoch: int | None = None
     seed: int = 2022
     device: str = "cpu"
@@ -91,6 +103,8 @@ class OptEmbedConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         self.evolution_config()  # validates the search settings
         self.train_config(self.epochs)  # validates the training settings
+        if self.retrain_monitor is not None and self.retrain_monitor not in MONITORS:
+            raise ValueError(f"retrain_monitor must be one of {MONITORS} or None, got {self.retrain_monitor!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "OptEmbedConfig":
@@ -100,12 +114,14 @@ class OptEmbedConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def train_config(self, epochs: int):
+    def train_config(self, epochs: int, retrain: bool = False):
+        """The trainer settings of a phase; ``retrain``: a retraining phase (``retrain_monitor`` applies)."""
         from ...train.config import TrainConfig
 
+        monitor = self.retrain_monitor if retrain and self.retrain_monitor is not None else self.monitor
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
-                           patience=self.patience, seed=self.seed, device=self.device, progress=self.progress,
+                           patience=self.patience, monitor=monitor, seed=self.seed, device=self.device, progress=self.progress,
                            max_steps_per_epoch=self.max_steps_per_epoch,
                            threshold_optimizer=self.threshold_optimizer, threshold_lr=self.threshold_lr)
 

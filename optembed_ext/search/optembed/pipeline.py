@@ -49,7 +49,7 @@ from ...train.checkpoint import (RESUME_HINT, RunFolderError, check_fingerprint,
                                  load_run_file, read_run_json)
 from ..evolution import EvolutionSearch, measure_speedup
 from .callbacks import OptEmbedSupernetCallback, WallTimeCallback
-from .config import OptEmbedConfig
+from .config import OptEmbedConfig, without_later_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ class OptEmbedRun:
     # ------------------------------------------------------------------ utilities
     def fingerprint(self) -> dict:
         """What the phases' results depend on: backbone, every result-affecting setting, the data's splits."""
-        config = {k: v for k, v in self.config.to_dict().items() if k not in self.NEUTRAL_FIELDS}
+        config = without_later_defaults({k: v for k, v in self.config.to_dict().items()
+                                         if k not in self.NEUTRAL_FIELDS})
         return {"model": self.model_name, "config": config, "data": dataset_fingerprint(self.data)}
 
     def clear(self) -> None:
@@ -235,11 +236,11 @@ class OptEmbedRun:
         model.train(was_training)
         return int(compact.embedding.memory_bytes())
 
-    def _fit(self, name: str, model, epochs: int, callbacks=()) -> tuple[dict, float]:
+    def _fit(self, name: str, model, epochs: int, callbacks=(), retrain: bool = False) -> tuple[dict, float]:
         from ...train.trainer import Trainer
 
         timer = WallTimeCallback()
-        trainer = Trainer(model.to(self.device), self.data, self.config.train_config(epochs),
+        trainer = Trainer(model.to(self.device), self.data, self.config.train_config(epochs, retrain=retrain),
                           run_dir=self.phase_dir(name), callbacks=[timer, *callbacks])
         result = trainer.fit(resume=True)
         return result, timer.total()
@@ -351,7 +352,7 @@ class OptEmbedRun:
             model = build_optembed_model(self.model_name, self.fmap, c)
             self._load_init(model, fresh_seed)
         model.embedding.freeze(row_mask, field_dims)
-        result, seconds = self._fit(name, model, self.epochs("retrain"))
+        result, seconds = self._fit(name, model, self.epochs("retrain"), retrain=True)
         if self.main:
             torch.save(model.state_dict(), self.phase_dir(name) / "model.pt")
         return self.finish(name, {"fit": _fit_summary(result), "test_auc": result["test_auc"],
