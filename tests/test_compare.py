@@ -33,6 +33,20 @@ def test_config_rejects_unknown_names():
     assert CompareConfig.from_dict({"pep_threshold_init": -3.0}).pep == {"threshold_init": -3.0}
 
 
+def test_monitor_reaches_every_method_and_old_folders_still_match():
+    config = CompareConfig.from_dict({**TINY, "monitor": "logloss"})
+    assert config.train_config().monitor == "logloss"
+    assert config.build_method("optembed").config.monitor == "logloss"
+    assert config.fingerprint("synthetic-tiny", "optembed")["shared"]["monitor"] == "logloss"
+    # at the default the new setting stays out of the fingerprints: folders written before it keep matching
+    default = CompareConfig.from_dict(TINY)
+    for method in ("optembed", "pep", "uniform"):
+        fp = default.fingerprint("synthetic-tiny", method)
+        assert "monitor" not in fp["shared"] and "monitor" not in fp["config"], method
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        CompareConfig.from_dict({**TINY, "monitor": "acc"})
+
+
 def test_harness_writes_table_and_plot(tmp_path):
     methods = ["uniform", "pep", "autodim", "qr", "autofield", "optembed"]
     config = CompareConfig.from_dict({**TINY, "methods": methods})

@@ -78,6 +78,7 @@ class CompareConfig:
     optimizer: str = "adam"
     threshold_optimizer: str = "sgd"             # learned pruning thresholds (OptEmbed): "sgd" or "adam"
     patience: int | None = 2
+    monitor: str = "auc"                         # validation metric of the best epoch: auc, logloss, auc-logloss
     max_steps_per_epoch: int | None = None
     seed: int = 2022
     device: str = "cpu"
@@ -178,8 +179,8 @@ class CompareConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
-                           patience=self.patience, seed=self.seed, device=self.device, progress=self.progress,
-                           max_steps_per_epoch=self.max_steps_per_epoch,
+                           patience=self.patience, monitor=self.monitor, seed=self.seed, device=self.device,
+                           progress=self.progress, max_steps_per_epoch=self.max_steps_per_epoch,
                            threshold_optimizer=self.threshold_optimizer)
 
     def model_cfg(self) -> dict:
@@ -199,7 +200,7 @@ class CompareConfig:
     def fingerprint(self, dataset: str, method: str) -> dict:
         """What one method folder's results depend on: the dataset, the shared settings and the method's
         options (as given and as resolved)."""
-        shared = {k: v for k, v in self.to_dict().items() if k not in self.NEUTRAL_FIELDS}
+        shared = without_later_defaults({k: v for k, v in self.to_dict().items() if k not in self.NEUTRAL_FIELDS})
         return json.loads(json.dumps({"dataset": dataset, "method": method, "shared": shared,
                                       "options": self.method_options(method),
                                       "config": without_later_defaults(

@@ -17,7 +17,8 @@ LATER_DEFAULTS = {"monitor": "auc", "retrain_monitor": None}
 
 
 def without_later_defaults(config: dict) -> dict:
-    """``config`` (an OptEmbedConfig as a dict) without the :data:`LATER_DEFAULTS` fields at their defaults."""
+    """``config`` (an OptEmbedConfig or a comparison's settings as a dict) without the :data:`LATER_DEFAULTS` fields
+    at their defaults."""
     return {k: v for k, v in config.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 

@@ -20,7 +20,7 @@ def shared_options(settings: RunSettings) -> dict:
     tc = settings.train
     return {"embed_dim": settings.embed_dim, "model_cfg": dict(settings.model_cfg), "lr": tc.lr,
             "weight_decay": tc.weight_decay, "batch_size": tc.batch_size, "eval_batch_size": tc.eval_batch_size,
-            "optimizer": tc.optimizer, "epochs": tc.epochs, "patience": tc.patience,
+            "optimizer": tc.optimizer, "epochs": tc.epochs, "patience": tc.patience, "monitor": tc.monitor,
             "max_steps_per_epoch": tc.max_steps_per_epoch, "seed": tc.seed, "device": tc.device,
             "progress": False, "baseline": False, "threshold_optimizer": tc.threshold_optimizer}
 
