@@ -66,8 +66,7 @@ class OptEmbedSupernetCallback(Callback):
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "best_auc": self.best_auc, "best_score": self.best_score,
-                "best_epoch": self.best_epoch,
-                "best_row_mask": self.best_row_mask, "history": list(self.history)}
+                "best_epoch": self.best_epoch, "best_row_mask": self.best_row_mask, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

@@ -122,8 +122,8 @@ class OptEmbedConfig:
         monitor = self.retrain_monitor if retrain and self.retrain_monitor is not None else self.monitor
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
-                           patience=self.patience, monitor=monitor, seed=self.seed, device=self.device, progress=self.progress,
-                           max_steps_per_epoch=self.max_steps_per_epoch,
+                           patience=self.patience, monitor=monitor, seed=self.seed, device=self.device,
+                           progress=self.progress, max_steps_per_epoch=self.max_steps_per_epoch,
                            threshold_optimizer=self.threshold_optimizer, threshold_lr=self.threshold_lr)
 
     def evolution_config(self) -> EvolutionConfig:
