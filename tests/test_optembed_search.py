@@ -223,6 +223,23 @@ def test_retrain_monitor_applies_to_the_retraining_phases_only(tiny_data, tmp_pa
         oe.OptEmbedConfig(monitor="acc")
 
 
+def test_retrain_keep_initial_starts_from_the_model_without_retraining(tiny_data, tmp_path):
+    config = oe.OptEmbedConfig(retrain_keep_initial=True)
+    assert config.train_config(3, retrain=True).keep_initial and not config.train_config(3).keep_initial
+    with pytest.raises(ValueError, match="retrain_keep_initial"):
+        oe.OptEmbedConfig(retrain_keep_initial="yes")
+    cfg = dict(TINY, ablations=False, baseline=False, export=False, generations=1, measure_speedup=False, epochs=2,
+               retrain_init="supernet", retrain_keep_initial=True)
+    result = oe.run_optembed(tiny_data, "deepfm", cfg, out_dir=tmp_path, log=None)
+    fit = json.loads((tmp_path / "phases" / "retrain" / "metrics.json").read_text())
+    no_retrain, retrained = result["variants"]["no_retrain"], result["variants"]["optembed"]
+    # the retraining's starting state is the model without retraining: the same validation AUC
+    assert fit["initial_val_auc"] == pytest.approx(no_retrain["val_auc"], abs=1e-9)
+    assert fit["best_val_auc"] >= fit["initial_val_auc"]
+    if fit["kept_initial"]:
+        assert retrained["test_auc"] == pytest.approx(no_retrain["test_auc"], abs=1e-9)
+
+
 @pytest.mark.parametrize("monitor, best", [("auc", 2), ("logloss", 3), ("auc-logloss", 1)])
 def test_supernet_callback_keeps_the_row_mask_of_the_monitored_best_epoch(tiny_data, monitor, best):
     from types import SimpleNamespace
@@ -253,7 +270,8 @@ def test_run_fingerprint_leaves_later_settings_out_at_their_defaults(tiny_data, 
             run.close()
 
     default = fingerprint(oe.OptEmbedConfig(), tmp_path / "a")
-    assert "monitor" not in default and "retrain_monitor" not in default  # folders made before them still resume
+    # folders made before these settings still resume
+    assert not {"monitor", "retrain_monitor", "retrain_keep_initial"} & set(default)
     assert fingerprint(oe.OptEmbedConfig(retrain_monitor="logloss"), tmp_path / "b")["retrain_monitor"] == "logloss"
 
 

@@ -189,6 +189,68 @@ def test_monitor_drives_early_stopping_and_resume(data, tmp_path):
         TrainConfig(monitor="acc")
 
 
+class ScriptedValCalls(Trainer):
+    """A trainer whose validation (auc, logloss) follow a script call by call (the initial state's evaluation
+    included), to test keep_initial exactly."""
+
+    script = ()
+
+    def evaluate(self, split="val"):
+        out = super().evaluate(split)
+        if split == "val":
+            self.val_calls = getattr(self, "val_calls", 0) + 1
+            out["auc"], out["logloss"] = self.script[self.val_calls - 1]
+        return out
+
+
+@pytest.mark.parametrize("monitor", ["auc", "logloss"])
+def test_keep_initial_returns_the_starting_state_when_no_epoch_beats_it(data, tmp_path, monitor):
+    start = {}
+
+    def snap_start(trainer):
+        start.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    # the initial state (first call) beats both epochs by AUC and by log loss
+    ScriptedValCalls.script = ((0.80, 0.40), (0.78, 0.45), (0.79, 0.42))
+    trainer = ScriptedValCalls(make_model(data), data, config(epochs=2, monitor=monitor, keep_initial=True),
+                               run_dir=tmp_path, callbacks=[LambdaCallback(on_train_begin=snap_start)])
+    res = trainer.fit()
+    assert res["kept_initial"] and res["best_epoch"] == -1 and res["epochs_run"] == 2
+    assert (res["best_val_auc"], res["best_val_logloss"]) == (0.80, 0.40)
+    assert (res["initial_val_auc"], res["initial_val_logloss"]) == (0.80, 0.40)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, start[k]), f"{k} is not the starting state"
+    model = trainer.model.eval()
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.from_numpy(data.test.X))).double().numpy()
+    assert res["test_auc"] == pytest.approx(pairwise_auc(data.test.y, p), abs=1e-9)
+    # an epoch that beats it wins; patience counts from the initial state
+    ScriptedValCalls.script = ((0.80, 0.40), (0.78, 0.45), (0.85, 0.35))
+    res = ScriptedValCalls(make_model(data), data, config(epochs=2, monitor=monitor, keep_initial=True)).fit()
+    assert not res["kept_initial"] and res["best_epoch"] == 1
+    ScriptedValCalls.script = ((0.80, 0.40), (0.78, 0.45), (0.85, 0.35))
+    res = ScriptedValCalls(make_model(data), data, config(epochs=2, monitor=monitor, keep_initial=True,
+                                                          patience=1)).fit()
+    assert res["kept_initial"] and res["stopped_early"] and res["epochs_run"] == 1
+    # without keep_initial the same script picks the better epoch
+    ScriptedValCalls.script = ((0.78, 0.45), (0.79, 0.42))
+    res = ScriptedValCalls(make_model(data), data, config(epochs=2, monitor=monitor)).fit()
+    assert not res["kept_initial"] and res["best_epoch"] == 1 and res["initial_val_auc"] is None
+
+
+def test_keep_initial_survives_a_resume(data, tmp_path):
+    ScriptedValCalls.script = ((0.80, 0.40), (0.78, 0.45), (0.79, 0.42))
+    cfg = config(epochs=2, keep_initial=True, monitor="logloss")
+    with pytest.raises(KeyboardInterrupt):  # killed in epoch 1, after epoch 0's checkpoint
+        ScriptedValCalls(make_model(data), data, cfg, run_dir=tmp_path,
+                         callbacks=[Kill(at_step=math.ceil(len(data.train) / 256) + 1)]).fit()
+    ScriptedValCalls.script = ((0.79, 0.42),)  # the resumed run evaluates epoch 1 only
+    res = ScriptedValCalls(make_model(data), data, cfg, run_dir=tmp_path, callbacks=[Kill()]).fit()
+    assert res["kept_initial"] and res["best_epoch"] == -1 and res["best_val_logloss"] == 0.40
+    with pytest.raises(ValueError, match="keep_initial"):
+        TrainConfig(keep_initial="yes")
+
+
 class Kill(Callback):
     """Raises at a given global step, standing in for a killed process; counts its calls (checkpointed)."""
 

@@ -58,6 +58,9 @@ class TrainConfig:
     ``monitor``: the validation metric that picks the best epoch (whose state is restored before the test
     evaluation) and drives early stopping: ``"auc"``, ``"logloss"`` or ``"auc-logloss"`` (see :data:`MONITORS`).
     ``patience``: epochs without a better monitored score before stopping (``None`` = never stop early).
+    ``keep_initial``: the state before the first epoch competes with the epochs for the best validation score, so
+    a fine-tuning that only makes a warm-started model worse returns the starting state (the result's
+    ``best_epoch`` is then -1 and ``kept_initial`` true).
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (``None`` = once per epoch).
     ``max_steps_per_epoch``: cut each epoch after that many steps (``None`` = whole training split).
     ``threshold_optimizer``: optimizer of learned pruning thresholds (OptEmbed's ``t``): ``"sgd"`` (plain SGD, as
@@ -77,6 +80,7 @@ class TrainConfig:
     momentum: float = 0.0
     patience: int | None = 2
     monitor: str = "auc"
+    keep_initial: bool = False
     seed: int = 2022
     deterministic: bool = False
     device: str = "cpu"
@@ -124,6 +128,8 @@ class TrainConfig:
                                               or not isinstance(self.threshold_lr, (int, float))
                                               or not math.isfinite(self.threshold_lr) or self.threshold_lr < 0):
             raise ValueError(f"threshold_lr must be a finite number >= 0 or None, got {self.threshold_lr!r}")
+        if not isinstance(self.keep_initial, bool):
+            raise ValueError(f"keep_initial must be a bool, got {self.keep_initial!r}")
         if not isinstance(self.sync_batch_norm, bool):
             raise ValueError(f"sync_batch_norm must be a bool, got {self.sync_batch_norm!r}")
         if not isinstance(self.optimizer, str):

@@ -133,7 +133,8 @@ class Trainer:
         self.best_val_auc = -math.inf
         self.best_val_logloss = math.nan
         self.best_score = -math.inf  # of config.monitor at the best epoch
-        self.best_epoch = -1
+        self.best_epoch = -1  # -1: no epoch yet (or, with best_state set, the state before training: keep_initial)
+        self.initial_val: dict | None = None  # keep_initial: validation metrics of the state before training
         self.best_state: dict | None = None
         self.bad_epochs = 0
         self.stop_training = False
@@ -273,6 +274,7 @@ class Trainer:
             "best": {"val_auc": self.best_val_auc, "val_logloss": self.best_val_logloss, "epoch": self.best_epoch,
                      "state": self.best_state},
             "bad_epochs": self.bad_epochs,
+            "initial_val": self.initial_val,
             "stop_training": self.stop_training,
             "finished": self.finished,
             "result": self.result,
@@ -299,10 +301,11 @@ class Trainer:
         best = state["best"]
         self.best_val_auc, self.best_val_logloss = best["val_auc"], best["val_logloss"]
         self.best_epoch, self.best_state = best["epoch"], best["state"]
-        # the score of the stored best epoch under this run's monitor
+        # the score of the stored best epoch (or kept initial state) under this run's monitor
         self.best_score = (monitor_score(self.config.monitor, self.best_val_auc, self.best_val_logloss)
-                           if self.best_epoch >= 0 else -math.inf)
+                           if self.best_state is not None else -math.inf)
         self.bad_epochs = state["bad_epochs"]
+        self.initial_val = state.get("initial_val")
         self.stop_training = state["stop_training"]
         self.finished = state["finished"]
         self.result = state["result"]
@@ -358,13 +361,27 @@ class Trainer:
             else:
                 self.log(f"start training: {type(self.model).__name__} with {type(self.model.embedding).__name__}, "
                          f"config {cfg.to_dict()}")
+                if cfg.keep_initial:
+                    self._score_initial_state()
             while self.epoch < cfg.epochs and not self.stop_training:
                 self._run_epoch()
             return self._finish()
 
+    def _score_initial_state(self) -> None:
+        """keep_initial: the state before training becomes the best so far (epoch -1) when its monitored validation
+        score is a number; the epochs must beat it."""
+        val = self.evaluate("val")
+        self.initial_val = {"auc": val["auc"], "logloss": val["logloss"]}
+        score = monitor_score(self.config.monitor, val["auc"], val["logloss"])
+        self.log(f"initial state: val_auc {val['auc']:.6f} val_logloss {val['logloss']:.6f}")
+        if score == score:  # not NaN
+            self.best_val_auc, self.best_val_logloss, self.best_score = val["auc"], val["logloss"], score
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
     #: config fields that must match the checkpoint's for a resumed run to continue the same training
     RESUME_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "optimizer", "momentum", "seed",
-                   "max_steps_per_epoch", "grad_clip", "threshold_optimizer", "threshold_lr", "monitor")
+                   "max_steps_per_epoch", "grad_clip", "threshold_optimizer", "threshold_lr", "monitor",
+                   "keep_initial")
 
     def _data_fingerprint(self) -> dict:
         if getattr(self, "_data_fp", None) is None:
@@ -490,9 +507,12 @@ class Trainer:
         times = self.epoch_times
         self.result = {
             "best_epoch": self.best_epoch,
-            "best_val_auc": self.best_val_auc if self.best_epoch >= 0 else math.nan,
+            "best_val_auc": self.best_val_auc if self.best_state is not None else math.nan,
             "best_val_logloss": self.best_val_logloss,
             "monitor": self.config.monitor,
+            "kept_initial": bool(self.best_epoch < 0 and self.best_state is not None),
+            "initial_val_auc": self.initial_val["auc"] if self.initial_val else None,
+            "initial_val_logloss": self.initial_val["logloss"] if self.initial_val else None,
             "test_auc": test["auc"],
             "test_logloss": test["logloss"],
             "epochs_run": self.epoch,

@@ -13,7 +13,7 @@ RETRAIN_INITS = ("lottery", "fresh", "supernet")
 ABLATION_SUPERNETS = ("separate", "shared")
 #: settings added after run folders existed, with the defaults that reproduce the earlier behaviour: left out of
 #: run fingerprints at these values, so that folders made before them still resume
-LATER_DEFAULTS = {"monitor": "auc", "retrain_monitor": None}
+LATER_DEFAULTS = {"monitor": "auc", "retrain_monitor": None, "retrain_keep_initial": False}
 
 
 def without_later_defaults(config: dict) -> dict:
@@ -31,7 +31,10 @@ class OptEmbedConfig:
     ``retrain_epochs`` override ``epochs`` for one kind of phase. ``patience`` is the early-stopping patience on
     the validation score of ``monitor`` (AUC by default, as the reference code, which stops at the first epoch
     without improvement: 1); ``retrain_monitor`` (``None`` = ``monitor``) picks the retraining's best epoch by
-    another metric, e.g. ``logloss`` when the retrained model's calibration matters. ``optimizer`` is any
+    another metric, e.g. ``logloss`` when the retrained model's calibration matters. ``retrain_keep_initial``: the
+    retraining's starting state competes with its epochs (with ``retrain_init: supernet`` that is the model
+    without retraining, so the retraining is kept only where it improves the monitored validation score).
+    ``optimizer`` is any
     trainer optimizer; the fused row-sparse ones (``fused_adam``, ``fused_adagrad``, ``fused_sgd``) switch the
     OptEmbed table (and the uniform baseline's) to sparse gradients, so only the looked-up rows are updated.
     """
@@ -59,6 +62,7 @@ class OptEmbedConfig:
     patience: int | None = 1
     monitor: str = "auc"
     retrain_monitor: str | None = None
+    retrain_keep_initial: bool = False
     max_steps_per_epoch: int | None = None
     seed: int = 2022
     device: str = "cpu"
@@ -104,6 +108,8 @@ class OptEmbedConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         self.evolution_config()  # validates the search settings
         self.train_config(self.epochs)  # validates the training settings
+        if not isinstance(self.retrain_keep_initial, bool):
+            raise ValueError(f"retrain_keep_initial must be a bool, got {self.retrain_keep_initial!r}")
         if self.retrain_monitor is not None and self.retrain_monitor not in MONITORS:
             raise ValueError(f"retrain_monitor must be one of {MONITORS} or None, got {self.retrain_monitor!r}")
 
@@ -116,13 +122,16 @@ class OptEmbedConfig:
         return asdict(self)
 
     def train_config(self, epochs: int, retrain: bool = False):
-        """The trainer settings of a phase; ``retrain``: a retraining phase (``retrain_monitor`` applies)."""
+        """The trainer settings of a phase; ``retrain``: a retraining phase (``retrain_monitor`` and
+        ``retrain_keep_initial`` apply)."""
         from ...train.config import TrainConfig
 
         monitor = self.retrain_monitor if retrain and self.retrain_monitor is not None else self.monitor
+        keep_initial = bool(retrain and self.retrain_keep_initial)
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
-                           patience=self.patience, monitor=monitor, seed=self.seed, device=self.device,
+                           patience=self.patience, monitor=monitor, keep_initial=keep_initial, seed=self.seed,
+                           device=self.device,
                            progress=self.progress, max_steps_per_epoch=self.max_steps_per_epoch,
                            threshold_optimizer=self.threshold_optimizer, threshold_lr=self.threshold_lr)
 

@@ -103,7 +103,7 @@ def embedding_stats(embedding) -> dict:
 
 
 def _fit_summary(result: dict) -> dict:
-    keep = ("best_epoch", "best_val_auc", "test_auc", "test_logloss", "epochs_run", "epoch_times")
+    keep = ("best_epoch", "best_val_auc", "test_auc", "test_logloss", "epochs_run", "epoch_times", "kept_initial")
     return {k: result[k] for k in keep if k in result}
 
 
