@@ -236,8 +236,10 @@ def test_retrain_keep_initial_starts_from_the_model_without_retraining(tiny_data
     # the retraining's starting state is the model without retraining: the same validation AUC
     assert fit["initial_val_auc"] == pytest.approx(no_retrain["val_auc"], abs=1e-9)
     assert fit["best_val_auc"] >= fit["initial_val_auc"]
+    assert bool(retrained.get("kept_initial")) == fit["kept_initial"]
     if fit["kept_initial"]:
         assert retrained["test_auc"] == pytest.approx(no_retrain["test_auc"], abs=1e-9)
+        assert "kept its starting state" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("monitor, best", [("auc", 2), ("logloss", 3), ("auc-logloss", 1)])

@@ -62,6 +62,10 @@ def render_markdown(result: dict) -> str:
                      f"{_fmt(v.get('test_logloss'), '.5f')} | {_fmt(v.get('sparsity'), '.4f')} | "
                      f"{_fmt(v.get('params'), ',d')} | {_bytes(v.get('bytes'))} | {_bytes(v.get('compact_bytes'))} | "
                      f"{_fmt(v.get('seconds'), '.1f')} |")
+    kept = [VARIANT_LABELS[k] for k in VARIANT_ORDER if (variants.get(k) or {}).get("kept_initial")]
+    if kept:
+        lines += ["", f"Retraining kept its starting state (no epoch beat it on validation, `retrain-keep-initial`): "
+                      f"{', '.join(kept)}."]
     lines += ["", "Time = wall time of the phases the variant needs (phases are shared between variants). "
               "Bytes (masked) = kept rows x field dims x element size; bytes (compact) = the served compact table "
               "(`optembed_ext.export`: packed kept rows + id remap + per-field offsets/dims; the plain N x D table "

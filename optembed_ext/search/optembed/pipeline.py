@@ -471,6 +471,8 @@ class OptEmbedRun:
         out = {k: info.get(k) for k in keys}
         out["phases"] = list(phase_names)
         out["seconds"] = float(sum(phases[p].get("seconds", 0.0) for p in phase_names if p in phases))
+        if (info.get("fit") or {}).get("kept_initial"):  # retrain-keep-initial: no retraining epoch beat the start
+            out["kept_initial"] = True
         return out
 
     def _save_result(self, row_mask, field_dims, metrics: dict) -> None:
