@@ -34,9 +34,9 @@ class OptEmbedConfig:
     another metric, e.g. ``logloss`` when the retrained model's calibration matters. ``retrain_keep_initial``: the
     retraining's starting state competes with its epochs (with ``retrain_init: supernet`` that is the model
     without retraining, so the retraining is kept only where it improves the monitored validation score).
-    ``optimizer`` is any
-    trainer optimizer; the fused row-sparse ones (``fused_adam``, ``fused_adagrad``, ``fused_sgd``) switch the
-    OptEmbed table (and the uniform baseline's) to sparse gradients, so only the looked-up rows are updated.
+    ``optimizer`` is any trainer optimizer; the fused row-sparse ones (``fused_adam``, ``fused_adagrad``,
+    ``fused_sgd``) switch the OptEmbed table (and the uniform baseline's) to sparse gradients, so only the
+    looked-up rows are updated.
     """
 
     # embedding / backbone
@@ -131,8 +131,7 @@ class OptEmbedConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
                            patience=self.patience, monitor=monitor, keep_initial=keep_initial, seed=self.seed,
-                           device=self.device,
-                           progress=self.progress, max_steps_per_epoch=self.max_steps_per_epoch,
+                           device=self.device, progress=self.progress, max_steps_per_epoch=self.max_steps_per_epoch,
                            threshold_optimizer=self.threshold_optimizer, threshold_lr=self.threshold_lr)
 
     def evolution_config(self) -> EvolutionConfig:
