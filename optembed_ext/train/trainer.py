@@ -374,9 +374,14 @@ class Trainer:
         self.initial_val = {"auc": val["auc"], "logloss": val["logloss"]}
         score = monitor_score(self.config.monitor, val["auc"], val["logloss"])
         self.log(f"initial state: val_auc {val['auc']:.6f} val_logloss {val['logloss']:.6f}")
-        if score == score:  # not NaN
-            self.best_val_auc, self.best_val_logloss, self.best_score = val["auc"], val["logloss"], score
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if score > self.best_score:  # False for NaN
+            self._take_best(val, score, epoch=-1)
+
+    def _take_best(self, val: dict, score: float, epoch: int) -> None:
+        """Record ``epoch`` (-1: the state before training) as the best so far, with a CPU copy of the model."""
+        self.best_val_auc, self.best_val_logloss, self.best_score = val["auc"], val["logloss"], score
+        self.best_epoch = epoch
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     #: config fields that must match the checkpoint's for a resumed run to continue the same training
     RESUME_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "optimizer", "momentum", "seed",
@@ -473,9 +478,7 @@ class Trainer:
         score = monitor_score(cfg.monitor, val["auc"], val["logloss"])
         improved = score > self.best_score  # False for NaN
         if improved:
-            self.best_val_auc, self.best_val_logloss, self.best_epoch = val["auc"], val["logloss"], epoch
-            self.best_score = score
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self._take_best(val, score, epoch)
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
