@@ -131,8 +131,10 @@ def by_signal(cache: str, mask: np.ndarray, fmap) -> dict:
         kept = mask[offsets[m.name] + ids]
         u, n = int(is_useful.sum()), int((~is_useful).sum())
         uk, nk = int(kept[is_useful].sum()), int(kept[~is_useful].sum())
-        useful_rows, no_signal_rows, useful_kept, no_signal_kept = (useful_rows + u, no_signal_rows + n,
-                                                                    useful_kept + uk, no_signal_kept + nk)
+        useful_rows += u
+        no_signal_rows += n
+        useful_kept += uk
+        no_signal_kept += nk
         per_field[m.name] = {"useful": u, "useful_kept": uk, "no_signal": n, "no_signal_kept": nk}
         print(f"  {m.name:4s} values with label weight {u:>7,} kept {100 * uk / max(u, 1):5.1f}%   "
               f"without {n:>7,} kept {100 * nk / max(n, 1):5.1f}%")
